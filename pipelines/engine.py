@@ -1,0 +1,620 @@
+"""Runs a pipeline's stage DAG on Ray: order, parallel stages, cache, run records, resume.
+
+The driver (this module, in the ``raypipe`` process) decides what runs; every stage that has to
+compute runs as one Ray task (``execute_stage``), so independent stages run at the same time and
+a stage's own work (Ray Data, Train, Tune, RLlib) is scheduled by Ray inside it. Stages hand
+each other artifacts by path and manifest.
+
+Cache key = sha256(component + component version + canonical config [+ resources] + the
+digests of the input artifacts). A stage whose key has a published, verified artifact is not
+run. The run record (``runs/<run_id>/run.json``) is rewritten after every change of state, so a
+driver that dies leaves a record ``raypipe resume`` can finish from.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from components import registry
+from components.api import InputArtifact, Resources, StageContext
+from pipelines import spec as spec_mod
+from pipelines.spec import Pipeline
+from pipelines.store import ArtifactInvalid, Store, digest_of
+
+PENDING, RUNNING, SUCCEEDED, FAILED, SKIPPED = (
+    "pending",
+    "running",
+    "succeeded",
+    "failed",
+    "skipped",
+)
+RUN_FILE, PIPELINE_FILE = "run.json", "pipeline.yaml"
+
+
+def code_version() -> str:
+    """The installed raypipe version (saved with every artifact)."""
+    try:
+        return metadata.version("raypipe")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: UTC time plus random hex."""
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def stage_seed(pipeline_name: str, stage: str) -> int:
+    """A stable per-stage seed for components that are not given one."""
+    return int.from_bytes(hashlib.sha256(f"{pipeline_name}/{stage}".encode()).digest()[:4], "big")
+
+
+def default_tracking_uri(store: Store) -> str | None:
+    """MLflow on SQLite under the storage root (only for local storage)."""
+    return f"sqlite:///{store.root}/mlflow.db" if store.is_local else None
+
+
+def cache_key(
+    component: str,
+    version: str,
+    config: dict[str, Any],
+    resources: dict[str, Any] | None,
+    input_digests: dict[str, str],
+) -> str:
+    """The cache key of a stage: what it runs, with what, on which inputs."""
+    return digest_of(
+        {
+            "component": component,
+            "version": version,
+            "config": config,
+            "resources": resources,
+            "inputs": input_digests,
+        }
+    )[:32]
+
+
+# --- the stage task -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageJob:
+    """Everything a stage task needs, as plain data (it is sent to a Ray worker)."""
+
+    run_id: str
+    pipeline: str
+    stage: str
+    component: str
+    config: dict[str, Any]
+    resources: dict[str, Any]
+    cache_key: str
+    storage: str
+    tracking_uri: str | None
+    inputs: dict[str, tuple[str, str]]  # stage -> (component, cache key)
+    replace: bool = False
+
+
+def execute_stage(job: StageJob) -> dict[str, Any]:
+    """Runs one stage and publishes its artifact; returns the artifact's manifest.
+
+    This is the body of the Ray task. The component writes into a fresh directory; only when
+    ``run`` returns is the directory checksummed and published, so a failure or a kill leaves
+    no artifact behind.
+    """
+    store = Store(job.storage)
+    component_cls = registry.get(job.component)
+    config = component_cls.Config.model_validate(job.config)
+    inputs = {}
+    for stage, (component, key) in job.inputs.items():
+        manifest = store.read_manifest(component, key)
+        if manifest is None:
+            raise ArtifactInvalid(f"input artifact of stage {stage!r} disappeared")
+        inputs[stage] = InputArtifact(
+            stage, store.local_artifact_dir(component, key, manifest), manifest
+        )
+    out_dir = store.new_output_dir(job.cache_key)
+    progress = _ProgressWriter(store, job.run_id, job.stage)
+    ctx = StageContext(
+        stage=job.stage,
+        run_id=job.run_id,
+        out_dir=out_dir,
+        scratch_dir=store.scratch(job.cache_key),
+        inputs=inputs,
+        resources=Resources.model_validate(job.resources),
+        tracking_uri=job.tracking_uri,
+        seed=stage_seed(job.pipeline, job.stage),
+        on_progress=progress,
+    )
+    started = time.time()
+    try:
+        metrics = component_cls().run(ctx, config) or {}
+        ctx.write_history()
+        finished = time.time()
+        manifest = {
+            "component": job.component,
+            "version": component_cls.version,
+            "cache_key": job.cache_key,
+            "stage": job.stage,
+            "run_id": job.run_id,
+            "config": job.config,
+            "resources": job.resources,
+            "inputs": {
+                s: {"component": inputs[s].component, "digest": inputs[s].manifest["digest"]}
+                for s in inputs
+            },
+            "metrics": _plain(metrics),
+            "timings": {"start": started, "end": finished, "seconds": finished - started},
+            "seed": ctx.seed,
+            "code_version": code_version(),
+            "host": os.uname().nodename,
+            "pid": os.getpid(),
+        }
+        if job.replace:
+            store.discard(job.component, job.cache_key)
+        published = store.publish(out_dir, job.component, job.cache_key, manifest)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    store.drop_scratch(job.cache_key)
+    return published
+
+
+class _ProgressWriter:
+    """Appends a stage's progress points to ``runs/<id>/progress/<stage>.jsonl`` (local store)."""
+
+    def __init__(self, store: Store, run_id: str, stage: str):
+        self.path = Path(store.run_dir(run_id)) / "progress" / f"{stage}.jsonl"
+        self.enabled = store.is_local
+
+    def __call__(self, point: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(_plain(point), sort_keys=True) + "\n")
+
+
+def _plain(value: Any) -> Any:
+    """Converts numpy scalars and the like into JSON-friendly Python values."""
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    for attr in ("item", "tolist"):
+        if hasattr(value, attr):
+            return getattr(value, attr)()
+    return str(value)
+
+
+# --- the run record -----------------------------------------------------------------------
+
+
+@dataclass
+class RunRecord:
+    """What happened in one run; saved as ``runs/<run_id>/run.json``."""
+
+    run_id: str
+    pipeline: str
+    source: str
+    storage: str
+    tracking: str | None
+    overrides: list[str]
+    force: list[str]
+    status: str = RUNNING
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+    finished: float | None = None
+    resumed: int = 0
+    error: str | None = None
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=1, sort_keys=True, default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunRecord:
+        data = json.loads(text)
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+    @property
+    def ok(self) -> bool:
+        return self.status == SUCCEEDED
+
+
+def load_record(store: Store, run_id: str) -> RunRecord:
+    """Reads a run record.
+
+    Raises:
+        FileNotFoundError: no run with that id in the store (the message names both).
+    """
+    try:
+        text = store.read_run_file(run_id, RUN_FILE)
+    except ValueError:
+        text = None
+    if text is None:
+        raise FileNotFoundError(f"no run {run_id!r} in storage {store.root}")
+    return RunRecord.from_json(text)
+
+
+def list_records(store: Store) -> list[RunRecord]:
+    """Every readable run record in the store, oldest first."""
+    records = []
+    for run_id in store.run_ids():
+        try:
+            records.append(load_record(store, run_id))
+        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+            continue
+    return records
+
+
+# --- the driver ---------------------------------------------------------------------------
+
+Printer = Callable[[str], None]
+
+
+def _default_printer(line: str) -> None:
+    print(line, flush=True)
+
+
+def ensure_ray(address: str | None) -> bool:
+    """Connects to Ray, starting an embedded local instance when no address is given.
+
+    Returns:
+        True when this call started Ray (so the caller shuts it down at the end).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+    else:
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+    return True
+
+
+class Runner:
+    """Runs (or resumes) one pipeline run.
+
+    Args:
+        pipeline: a validated pipeline.
+        force: stages to recompute even if cached; their descendants are recomputed too.
+        address: a Ray cluster to connect to; None starts an embedded Ray when needed.
+        record: an existing record to continue (``raypipe resume``).
+        printer: where progress lines go.
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        force: Iterable[str] = (),
+        address: str | None = None,
+        record: RunRecord | None = None,
+        printer: Printer = _default_printer,
+    ):
+        self.pipeline = pipeline
+        self.store = Store(pipeline.storage)
+        self.address = address
+        self.print = printer
+        force = list(force)
+        for name in force:
+            if name not in pipeline.stages:
+                raise spec_mod.PipelineError(
+                    pipeline.source, f"--force {name}", f"no stage named {name!r}"
+                )
+        tracking = pipeline.spec.tracking or default_tracking_uri(self.store)
+        if record is None:
+            record = RunRecord(
+                run_id=new_run_id(),
+                pipeline=pipeline.name,
+                source=pipeline.source,
+                storage=self.store.root,
+                tracking=tracking,
+                overrides=list(pipeline.overrides),
+                force=force,
+                stages={
+                    name: {"uses": pipeline.stages[name].uses, "status": PENDING}
+                    for name in pipeline.order
+                },
+            )
+            self.forced = pipeline.descendants(set(force))
+        else:
+            record.resumed += 1
+            record.status, record.error, record.finished = RUNNING, None, None
+            # Stages forced in the first attempt and already finished are not redone.
+            done = {s for s, st in record.stages.items() if st.get("status") == SUCCEEDED}
+            self.forced = pipeline.descendants(set(record.force)) - done
+        self.record = record
+        self.digests: dict[str, str] = {}
+        self.keys: dict[str, str] = {}
+        self._started_ray = False
+        self._progress_seen: dict[str, int] = {}
+        self._t0 = time.time()
+
+    @property
+    def run_id(self) -> str:
+        return self.record.run_id
+
+    # The record is the only state that survives the driver: save it on every change.
+    def save(self) -> None:
+        self.record.updated = time.time()
+        self.store.write_run_file(self.run_id, RUN_FILE, self.record.to_json())
+
+    def _say(self, stage: str, message: str) -> None:
+        self.print(f"[{time.time() - self._t0:7.1f}s] {stage}: {message}")
+
+    def run(self) -> RunRecord:
+        """Runs every stage that is not complete; returns the final record."""
+        self.store.write_run_file(
+            self.run_id, PIPELINE_FILE, yaml.safe_dump(self.pipeline.to_dict(), sort_keys=False)
+        )
+        self.save()
+        self.print(
+            f"run {self.run_id} of pipeline {self.pipeline.name} (storage {self.store.root})"
+        )
+        try:
+            self._loop()
+        except BaseException as e:
+            self.record.status = FAILED
+            self.record.error = f"driver stopped: {type(e).__name__}: {e}"
+            self.record.finished = time.time()
+            self.save()
+            raise
+        finally:
+            self._stop_ray()
+        failed = [s for s, st in self.record.stages.items() if st["status"] == FAILED]
+        self.record.status = FAILED if failed else SUCCEEDED
+        if failed:
+            first = self.record.stages[failed[0]]
+            self.record.error = f"stage {failed[0]!r} failed: {first.get('error')}"
+        self.record.finished = time.time()
+        self.save()
+        return self.record
+
+    def _stop_ray(self) -> None:
+        if self._started_ray:
+            import ray
+
+            ray.shutdown()
+            self._started_ray = False
+
+    def _loop(self) -> None:
+        stages = self.record.stages
+        pending = [s for s in self.pipeline.order if stages[s]["status"] != SUCCEEDED]
+        for name in self.pipeline.order:
+            if stages[name]["status"] == SUCCEEDED:
+                self._keep_completed(name, pending)
+        running: dict[Any, str] = {}
+        while True:
+            self._start_ready(pending, running)
+            if not running:
+                break
+            import ray
+
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+            self._show_progress(running.values())
+            for ref in ready:
+                self._finish(running.pop(ref), ref)
+
+    def _keep_completed(self, name: str, pending: list[str]) -> None:
+        """On resume: a stage that succeeded before keeps its artifact if it still verifies."""
+        st = self.record.stages[name]
+        component, key = st["uses"], st.get("cache_key")
+        try:
+            manifest = self.store.verify(component, key)
+        except (ArtifactInvalid, TypeError) as e:
+            self._say(name, f"completed before, but its artifact is unusable ({e}); recomputing")
+            st.update(status=PENDING, cache_hit=False)
+            pending.insert(0, name)
+            pending.sort(key=self.pipeline.order.index)
+            return
+        self.digests[name], self.keys[name] = manifest["digest"], key
+        self._say(name, "completed before the resume; kept")
+
+    def _start_ready(self, pending: list[str], running: dict[Any, str]) -> None:
+        progressed = True
+        while progressed:
+            progressed = False
+            for name in list(pending):
+                needs = self.pipeline.stages[name].needs
+                statuses = [self.record.stages[n]["status"] for n in needs]
+                if any(s in (FAILED, SKIPPED) for s in statuses):
+                    bad = next(
+                        n for n in needs if self.record.stages[n]["status"] in (FAILED, SKIPPED)
+                    )
+                    self.record.stages[name].update(
+                        status=SKIPPED, error=f"not run: stage {bad!r} did not succeed"
+                    )
+                    self._say(name, f"skipped ({bad} did not succeed)")
+                elif all(s == SUCCEEDED for s in statuses):
+                    self._start(name, running)
+                else:
+                    continue
+                pending.remove(name)
+                progressed = True
+                self.save()
+
+    def _key_for(self, name: str) -> str:
+        stage = self.pipeline.stages[name]
+        component = registry.get(stage.uses)
+        return cache_key(
+            stage.uses,
+            component.version,
+            stage.config.model_dump(mode="json"),
+            stage.spec.resources.model_dump(mode="json")
+            if component.resources_affect_output
+            else None,
+            {n: self.digests[n] for n in stage.needs},
+        )
+
+    def _start(self, name: str, running: dict[Any, str]) -> None:
+        stage = self.pipeline.stages[name]
+        key = self._key_for(name)
+        self.keys[name] = key
+        st = self.record.stages[name]
+        st.update(cache_key=key, error=None, traceback=None)
+        forced = name in self.forced
+        if not forced:
+            try:
+                manifest = self.store.verify(stage.uses, key)
+            except ArtifactInvalid as e:
+                if self.store.read_manifest(stage.uses, key) is not None:
+                    self._say(name, f"cached artifact is broken ({e}); recomputing")
+                    st["recomputed_because"] = str(e)
+                    self.store.discard(stage.uses, key)
+            else:
+                now = time.time()
+                self.digests[name] = manifest["digest"]
+                st.update(
+                    status=SUCCEEDED,
+                    cache_hit=True,
+                    start=now,
+                    end=now,
+                    seconds=0.0,
+                    artifact=manifest["path"],
+                    metrics=manifest.get("metrics", {}),
+                )
+                self._say(name, "cached")
+                return
+        running[self._launch(name, key, forced)] = name
+        st.update(status=RUNNING, cache_hit=False, start=time.time(), end=None)
+        st["attempts"] = st.get("attempts", 0) + 1
+        self._say(name, "started" + (" (forced)" if forced else ""))
+
+    def _launch(self, name: str, key: str, forced: bool) -> Any:
+        """Submits the stage's Ray task; returns its ObjectRef."""
+        import ray
+
+        if not ray.is_initialized():
+            self._started_ray = ensure_ray(self.address)
+        stage = self.pipeline.stages[name]
+        job = StageJob(
+            run_id=self.run_id,
+            pipeline=self.pipeline.name,
+            stage=name,
+            component=stage.uses,
+            config=stage.config.model_dump(mode="json"),
+            resources=stage.spec.resources.model_dump(mode="json"),
+            cache_key=key,
+            storage=self.store.root,
+            tracking_uri=self.record.tracking,
+            inputs={n: (self.pipeline.stages[n].uses, self.keys[n]) for n in stage.needs},
+            replace=forced,
+        )
+        task = ray.remote(execute_stage).options(
+            num_cpus=registry.get(stage.uses).task_cpus,
+            max_retries=0,
+            name=f"raypipe:{self.pipeline.name}:{name}",
+        )
+        return task.remote(job)
+
+    def _finish(self, name: str, ref: Any) -> None:
+        import ray
+
+        st = self.record.stages[name]
+        try:
+            manifest = ray.get(ref)
+        except Exception as e:  # noqa: BLE001 - every stage failure is recorded, not raised
+            message, trace = describe_failure(e)
+            st.update(status=FAILED, end=time.time(), error=message, traceback=trace)
+            self._say(name, f"FAILED: {message}")
+        else:
+            self.digests[name] = manifest["digest"]
+            timings = manifest["timings"]
+            st.update(
+                status=SUCCEEDED,
+                start=timings["start"],
+                end=timings["end"],
+                seconds=round(timings["seconds"], 3),
+                artifact=manifest["path"],
+                metrics=manifest.get("metrics", {}),
+            )
+            self._say(name, f"done in {timings['seconds']:.1f}s{_metric_summary(st['metrics'])}")
+        self.save()
+
+    def _show_progress(self, names: Iterable[str]) -> None:
+        if not self.store.is_local:
+            return
+        for name in names:
+            path = Path(self.store.run_dir(self.run_id)) / "progress" / f"{name}.jsonl"
+            try:
+                lines = path.read_text().splitlines()
+            except OSError:
+                continue
+            if len(lines) > self._progress_seen.get(name, 0):
+                self._progress_seen[name] = len(lines)
+                try:
+                    point = json.loads(lines[-1])
+                except json.JSONDecodeError:
+                    continue
+                point.pop("time", None)
+                shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(point.items())[:5])
+                self._say(name, shown)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _metric_summary(metrics: dict[str, Any]) -> str:
+    shown = [(k, v) for k, v in metrics.items() if isinstance(v, int | float)][:3]
+    return (" (" + ", ".join(f"{k}={_fmt(v)}" for k, v in shown) + ")") if shown else ""
+
+
+def describe_failure(error: BaseException) -> tuple[str, str]:
+    """A one-line message and the full traceback of a stage task's failure."""
+    import ray.exceptions as rex
+
+    if isinstance(error, rex.RayTaskError):
+        cause = error.cause if error.cause is not None else error
+        message = f"{type(cause).__name__}: {cause}".splitlines()[0]
+        return message, str(error)
+    if isinstance(error, rex.WorkerCrashedError | rex.NodeDiedError | rex.ActorDiedError):
+        return f"the stage's Ray worker died ({type(error).__name__})", str(error)
+    return f"{type(error).__name__}: {error}", "".join(traceback.format_exception(error))
+
+
+def run_pipeline(
+    pipeline: Pipeline,
+    *,
+    force: Iterable[str] = (),
+    address: str | None = None,
+    printer: Printer = _default_printer,
+) -> RunRecord:
+    """Runs a validated pipeline from the start (cached stages are reused)."""
+    return Runner(pipeline, force=force, address=address, printer=printer).run()
+
+
+def resume_run(
+    storage: str, run_id: str, *, address: str | None = None, printer: Printer = _default_printer
+) -> RunRecord:
+    """Finishes a run that died, from its last complete stage.
+
+    Stages that succeeded keep their artifacts (verified again); the rest run.
+
+    Raises:
+        FileNotFoundError: no such run.
+        PipelineError: the saved pipeline no longer validates (a component was removed).
+    """
+    store = Store(storage)
+    record = load_record(store, run_id)
+    text = store.read_run_file(run_id, PIPELINE_FILE)
+    if text is None:
+        raise FileNotFoundError(f"run {run_id!r} has no {PIPELINE_FILE} in {store.root}")
+    data = spec_mod.parse_yaml(text, f"{store.run_dir(run_id)}/{PIPELINE_FILE}")
+    pipeline = spec_mod.validate(data, record.source, tuple(record.overrides))
+    return Runner(pipeline, address=address, record=record, printer=printer).run()

@@ -1,0 +1,311 @@
+"""Artifact and run storage on a local path or any pyarrow.fs URI (``s3://``, ``gs://``, ``file://``).
+
+Layout under the storage root::
+
+    artifacts/<component>/<cache_key>/      a published artifact: its files + manifest.json
+    artifacts/.tmp/<cache_key>-<nonce>/     an artifact being written (never read)
+    scratch/<cache_key>/                    what a stage keeps between attempts (checkpoints)
+    runs/<run_id>/run.json                  the run record
+    runs/<run_id>/pipeline.yaml             the resolved pipeline the run executes
+
+Publishing is atomic: on a local path the finished directory is renamed into place; on an
+object store the files are uploaded first and ``manifest.json`` last, and a directory without
+a manifest is not an artifact. Every read of a cached artifact checks each file's size and
+sha256 against the manifest, so a deleted or tampered file is never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pyarrow.fs as pafs
+
+MANIFEST = "manifest.json"
+CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    """Returns the hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace: equal data gives equal text."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def digest_of(value: Any) -> str:
+    """sha256 of the canonical JSON of ``value``."""
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()
+
+
+def list_files(root: Path) -> dict[str, dict[str, Any]]:
+    """Lists every regular file under ``root`` with its size and sha256, by relative path."""
+    files: dict[str, dict[str, Any]] = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink():
+            raise ValueError(f"artifact file {path} is a symbolic link; artifacts hold plain files")
+        if path.is_file():
+            rel = path.relative_to(root).as_posix()
+            files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return files
+
+
+def files_digest(files: dict[str, dict[str, Any]]) -> str:
+    """The content digest of an artifact: sha256 over its sorted (path, sha256) pairs."""
+    return digest_of(sorted((rel, meta["sha256"]) for rel, meta in files.items()))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Writes a local file through a temporary name and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ArtifactInvalid(Exception):
+    """A stored artifact failed verification; the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class Store:
+    """Storage for one pipeline: artifacts, scratch space and run records.
+
+    Args:
+        uri: a local path (relative paths are taken from the current directory) or a
+            pyarrow.fs URI such as ``s3://bucket/prefix`` or ``file:///abs/path``.
+    """
+
+    uri: str
+
+    # --- where things live -------------------------------------------------------------
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.uri
+
+    @property
+    def root(self) -> str:
+        """The storage root: an absolute local path, or the URI as given."""
+        return str(Path(self.uri).expanduser().resolve()) if self.is_local else self.uri.rstrip("/")
+
+    def _fs(self) -> tuple[pafs.FileSystem, str]:
+        if self.is_local:
+            return pafs.LocalFileSystem(), self.root
+        return pafs.FileSystem.from_uri(self.uri)
+
+    def join(self, *parts: str) -> str:
+        """A path or URI under the root; each part must stay inside it."""
+        for part in parts:
+            p = PurePosixPath(part)
+            if p.is_absolute() or ".." in p.parts:
+                raise ValueError(f"storage path {part!r} would leave the storage root")
+        return "/".join([self.root, *parts])
+
+    def artifact_rel(self, component: str, key: str) -> str:
+        return f"artifacts/{component}/{key}"
+
+    def scratch(self, key: str) -> str:
+        """The scratch location of a stage config: a local path or a URI."""
+        path = self.join("scratch", key)
+        if self.is_local:
+            Path(path).mkdir(parents=True, exist_ok=True)
+        return path
+
+    def drop_scratch(self, key: str) -> None:
+        fs, base = self._fs()
+        with contextlib.suppress(FileNotFoundError, OSError):
+            fs.delete_dir(f"{base}/scratch/{key}")
+
+    def local_cache_dir(self) -> Path:
+        """Where artifacts from a remote store are downloaded to on this node."""
+        return Path(os.environ.get("RAYPIPE_CACHE", Path.home() / ".cache" / "raypipe"))
+
+    # --- artifacts ---------------------------------------------------------------------
+
+    def new_output_dir(self, key: str) -> Path:
+        """A fresh local directory for a stage to write its artifact into."""
+        nonce = uuid.uuid4().hex[:8]
+        if self.is_local:
+            base = Path(self.root) / "artifacts" / ".tmp"
+        else:
+            base = self.local_cache_dir() / ".tmp"
+        path = base / f"{key}-{nonce}"
+        path.mkdir(parents=True)
+        return path
+
+    def publish(self, out_dir: Path, component: str, key: str, manifest: dict[str, Any]) -> dict:
+        """Publishes a finished output directory as the artifact for ``key``.
+
+        Checksums every file, writes ``manifest.json`` (with ``files`` and ``digest``), then
+        moves the directory into place atomically. If a valid artifact for ``key`` already
+        exists (an identical stage finished first), that one is kept and returned.
+
+        Returns:
+            The manifest of the published artifact.
+        """
+        files = list_files(out_dir)
+        files.pop(MANIFEST, None)
+        manifest = {**manifest, "files": files, "digest": files_digest(files)}
+        manifest["path"] = self.join(self.artifact_rel(component, key))
+        atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+        if self.is_local:
+            final = Path(manifest["path"])
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(out_dir, final)
+            except OSError:
+                # The name is taken: keep a valid existing artifact, replace an invalid one.
+                try:
+                    existing = self.verify(component, key)
+                    shutil.rmtree(out_dir, ignore_errors=True)
+                    return existing
+                except ArtifactInvalid:
+                    self.discard(component, key)
+                    os.rename(out_dir, final)
+            _fsync_dir(final.parent)
+        else:
+            fs, base = self._fs()
+            dest = f"{base}/{self.artifact_rel(component, key)}"
+            fs.create_dir(dest, recursive=True)
+            for rel in files:  # files first, the manifest last: it marks the artifact whole
+                pafs.copy_files(str(out_dir / rel), f"{dest}/{rel}", destination_filesystem=fs)
+            pafs.copy_files(
+                str(out_dir / MANIFEST), f"{dest}/{MANIFEST}", destination_filesystem=fs
+            )
+            shutil.rmtree(out_dir, ignore_errors=True)
+        return manifest
+
+    def read_manifest(self, component: str, key: str) -> dict[str, Any] | None:
+        """Returns the manifest of a published artifact, or None if there is none."""
+        fs, base = self._fs()
+        try:
+            with fs.open_input_stream(
+                f"{base}/{self.artifact_rel(component, key)}/{MANIFEST}"
+            ) as f:
+                return json.loads(f.read())
+        except (FileNotFoundError, OSError, json.JSONDecodeError):
+            return None
+
+    def verify(self, component: str, key: str) -> dict[str, Any]:
+        """Checks a published artifact file by file against its manifest.
+
+        Returns:
+            The manifest, when every listed file exists with its size and sha256.
+
+        Raises:
+            ArtifactInvalid: missing manifest or file, wrong size or checksum.
+        """
+        manifest = self.read_manifest(component, key)
+        if manifest is None:
+            raise ArtifactInvalid("no manifest.json")
+        local = self.local_artifact_dir(component, key, manifest)
+        for rel, meta in manifest.get("files", {}).items():
+            path = local / rel
+            if not path.is_file():
+                raise ArtifactInvalid(f"file {rel} is missing")
+            if path.stat().st_size != meta["bytes"]:
+                raise ArtifactInvalid(
+                    f"file {rel} has {path.stat().st_size} bytes, expected {meta['bytes']}"
+                )
+            if sha256_file(path) != meta["sha256"]:
+                raise ArtifactInvalid(f"file {rel} does not match its sha256")
+        return manifest
+
+    def local_artifact_dir(self, component: str, key: str, manifest: dict[str, Any]) -> Path:
+        """A local directory holding the artifact's files (downloaded from a remote store)."""
+        if self.is_local:
+            return Path(self.root) / self.artifact_rel(component, key)
+        local = self.local_cache_dir() / component / key
+        fs, base = self._fs()
+        src = f"{base}/{self.artifact_rel(component, key)}"
+        for rel, meta in manifest.get("files", {}).items():
+            path = local / rel
+            if path.is_file() and path.stat().st_size == meta["bytes"]:
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                pafs.copy_files(f"{src}/{rel}", str(path), source_filesystem=fs)
+            except (FileNotFoundError, OSError):
+                continue  # verify() reports the missing file
+        return local
+
+    def discard(self, component: str, key: str) -> None:
+        """Removes a (broken) published artifact so it can be produced again."""
+        fs, base = self._fs()
+        path = f"{base}/{self.artifact_rel(component, key)}"
+        if self.is_local and Path(path).exists():
+            trash = (
+                Path(self.root) / "artifacts" / ".tmp" / f"discarded-{key}-{uuid.uuid4().hex[:8]}"
+            )
+            trash.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(path, trash)  # out of the way first, atomically; then deleted
+            shutil.rmtree(trash, ignore_errors=True)
+            return
+        with contextlib.suppress(FileNotFoundError, OSError):
+            fs.delete_dir(path)
+
+    # --- run records -------------------------------------------------------------------
+
+    def run_dir(self, run_id: str) -> str:
+        return self.join("runs", run_id)
+
+    def write_run_file(self, run_id: str, name: str, text: str) -> None:
+        """Writes a file of a run's directory (atomically on a local path)."""
+        if self.is_local:
+            atomic_write_text(Path(self.run_dir(run_id)) / name, text)
+            return
+        fs, base = self._fs()
+        fs.create_dir(f"{base}/runs/{run_id}", recursive=True)
+        with fs.open_output_stream(f"{base}/runs/{run_id}/{name}") as f:
+            f.write(text.encode())
+
+    def read_run_file(self, run_id: str, name: str) -> str | None:
+        fs, base = self._fs()
+        self.join("runs", run_id)  # rejects ids that would leave the root
+        try:
+            with fs.open_input_stream(f"{base}/runs/{run_id}/{name}") as f:
+                return f.read().decode()
+        except (FileNotFoundError, OSError):
+            return None
+
+    def run_ids(self) -> list[str]:
+        """Every run id in the store, oldest first (ids start with a timestamp)."""
+        fs, base = self._fs()
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(f"{base}/runs", allow_not_found=True))
+        except OSError:
+            return []
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -19,11 +19,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PlainValidator
 
-GpuSetting = Literal["auto"] | bool
+
+def _gpu_setting(value: Any) -> Literal["auto"] | bool:
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise ValueError(f"expected auto, true or false, got {value!r}")
+
+
+GpuSetting = Annotated[Literal["auto"] | bool, PlainValidator(_gpu_setting)]
 
 
 class StrictModel(BaseModel):

@@ -17,6 +17,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import time
@@ -575,6 +576,9 @@ def _metric_summary(metrics: dict[str, Any]) -> str:
     return (" (" + ", ".join(f"{k}={_fmt(v)}" for k, v in shown) + ")") if shown else ""
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def describe_failure(error: BaseException) -> tuple[str, str]:
     """A one-line message and the full traceback of a stage task's failure."""
     import ray.exceptions as rex
@@ -582,7 +586,7 @@ def describe_failure(error: BaseException) -> tuple[str, str]:
     if isinstance(error, rex.RayTaskError):
         cause = error.cause if error.cause is not None else error
         message = f"{type(cause).__name__}: {cause}".splitlines()[0]
-        return message, str(error)
+        return message, _ANSI.sub("", str(error))
     if isinstance(error, rex.WorkerCrashedError | rex.NodeDiedError | rex.ActorDiedError):
         return f"the stage's Ray worker died ({type(error).__name__})", str(error)
     return f"{type(error).__name__}: {error}", "".join(traceback.format_exception(error))

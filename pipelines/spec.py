@@ -251,8 +251,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
     return data
 
 
+# Parts pydantic adds to an error's location for union branches; they are not keys.
+_UNION_BRANCH = re.compile(r"^([a-z-]+\[.*\]|bool|int|float|str|list|dict|none)$")
+
+
 def _loc(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(part) for part in loc)
+    return ".".join(str(p) for p in loc if not _UNION_BRANCH.match(str(p)))
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -187,10 +188,8 @@ def test_driver_killed_mid_stage_then_resume(tmp_path):
         driver.wait(timeout=30)
     finally:
         # The driver's embedded Ray leaves helper processes in its process group: stop them.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     run_id = run_dir.name
     dead = json.loads((run_dir / "run.json").read_text())
     assert dead["status"] == "running" and dead["stages"]["long"]["status"] == "running"

@@ -71,7 +71,8 @@ BAD_FILES = {
         "no stage named 'ghost'",
     ),
     "cycle": (
-        "name: x\nstages:\n  a: {uses: test.sleep, needs: [b]}\n  b: {uses: test.sleep, needs: [a]}\n",
+        "name: x\nstages:\n"
+        "  a: {uses: test.sleep, needs: [b]}\n  b: {uses: test.sleep, needs: [a]}\n",
         "stages.a.needs",
         "dependency cycle: a -> b -> a",
     ),

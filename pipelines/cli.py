@@ -145,7 +145,7 @@ def show(
     except FileNotFoundError as e:
         raise _fail(str(e)) from None
     if as_json:
-        typer.echo(record.to_json())
+        typer.echo(json.dumps(json.loads(record.to_json()), indent=1, sort_keys=True))
         return
     typer.echo(f"run {record.run_id}  pipeline {record.pipeline}  status {record.status}")
     for name, st in record.stages.items():

@@ -14,12 +14,14 @@ driver that dies leaves a record ``raypipe resume`` can finish from.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -46,6 +48,7 @@ PENDING, RUNNING, SUCCEEDED, FAILED, SKIPPED = (
 RUN_FILE, PIPELINE_FILE = "run.json", "pipeline.yaml"
 
 
+@functools.cache
 def code_version() -> str:
     """The installed raypipe version (saved with every artifact)."""
     try:
@@ -173,6 +176,64 @@ def execute_stage(job: StageJob) -> dict[str, Any]:
     return published
 
 
+class _LatestWriter:
+    """Writes snapshots on a background thread; when several queue up only the newest is
+    written. ``flush`` waits for the newest to be on disk; ``close`` also ends the thread."""
+
+    def __init__(self, write: Callable[[str], None]):
+        self._write = write
+        self._cv = threading.Condition()
+        self._pending: str | None = None
+        self._busy = False
+        self._closed = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="raypipe-record", daemon=True)
+        self._thread.start()
+
+    def put(self, text: str) -> None:
+        with self._cv:
+            if self._error is not None:
+                raise self._error
+            self._pending = text
+            self._cv.notify_all()
+
+    def flush(self) -> None:
+        with self._cv:
+            self._cv.wait_for(lambda: self._pending is None and not self._busy)
+            if self._error is not None:
+                raise self._error
+
+    def close(self) -> None:
+        self.flush()
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._pending is not None or self._closed)
+                if self._pending is None:
+                    return
+                text, self._pending, self._busy = self._pending, None, True
+            try:
+                self._write(text)
+            except BaseException as e:  # noqa: BLE001 - handed to the driver thread
+                self._error = e
+            with self._cv:
+                self._busy = False
+                self._cv.notify_all()
+
+
+@functools.cache
+def _stage_task() -> Any:
+    """``execute_stage`` as a Ray remote function, made once (exporting it costs ~10 ms)."""
+    import ray
+
+    return ray.remote(execute_stage)
+
+
 class _ProgressWriter:
     """Appends a stage's progress points to ``runs/<id>/progress/<stage>.jsonl`` (local store)."""
 
@@ -223,7 +284,7 @@ class RunRecord:
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(self.__dict__, indent=1, sort_keys=True, default=str)
+        return json.dumps(self.__dict__, sort_keys=True, default=str)
 
     @classmethod
     def from_json(cls, text: str) -> RunRecord:
@@ -345,15 +406,21 @@ class Runner:
         self._started_ray = False
         self._progress_seen: dict[str, int] = {}
         self._t0 = time.time()
+        self._writer = _LatestWriter(
+            lambda text: self.store.write_run_file(self.run_id, RUN_FILE, text)
+        )
 
     @property
     def run_id(self) -> str:
         return self.record.run_id
 
     # The record is the only state that survives the driver: save it on every change.
-    def save(self) -> None:
+    def save(self, wait: bool = False) -> None:
+        """Saves the record: off the driver's critical path, or now with ``wait``."""
         self.record.updated = time.time()
-        self.store.write_run_file(self.run_id, RUN_FILE, self.record.to_json())
+        self._writer.put(self.record.to_json())
+        if wait:
+            self._writer.flush()
 
     def _say(self, stage: str, message: str) -> None:
         self.print(f"[{time.time() - self._t0:7.1f}s] {stage}: {message}")
@@ -373,17 +440,18 @@ class Runner:
             self.record.status = FAILED
             self.record.error = f"driver stopped: {type(e).__name__}: {e}"
             self.record.finished = time.time()
-            self.save()
+            self.save(wait=True)
             raise
         finally:
             self._stop_ray()
+            self._writer.close()
         failed = [s for s, st in self.record.stages.items() if st["status"] == FAILED]
         self.record.status = FAILED if failed else SUCCEEDED
         if failed:
             first = self.record.stages[failed[0]]
             self.record.error = f"stage {failed[0]!r} failed: {first.get('error')}"
         self.record.finished = time.time()
-        self.save()
+        self.store.write_run_file(self.run_id, RUN_FILE, self.record.to_json())
         return self.record
 
     def _stop_ray(self) -> None:
@@ -402,6 +470,7 @@ class Runner:
         running: dict[Any, str] = {}
         while True:
             self._start_ready(pending, running)
+            self.save()  # once per turn of the loop: every change since the last turn
             if not running:
                 break
             import ray
@@ -447,7 +516,6 @@ class Runner:
                     continue
                 pending.remove(name)
                 progressed = True
-                self.save()
 
     def _key_for(self, name: str) -> str:
         stage = self.pipeline.stages[name]
@@ -516,7 +584,7 @@ class Runner:
             inputs={n: (self.pipeline.stages[n].uses, self.keys[n]) for n in stage.needs},
             replace=forced,
         )
-        task = ray.remote(execute_stage).options(
+        task = _stage_task().options(
             num_cpus=registry.get(stage.uses).task_cpus,
             max_retries=0,
             name=f"raypipe:{self.pipeline.name}:{name}",
@@ -545,7 +613,6 @@ class Runner:
                 metrics=manifest.get("metrics", {}),
             )
             self._say(name, f"done in {timings['seconds']:.1f}s{_metric_summary(st['metrics'])}")
-        self.save()
 
     def _show_progress(self, names: Iterable[str]) -> None:
         if not self.store.is_local:

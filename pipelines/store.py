@@ -69,15 +69,20 @@ def files_digest(files: dict[str, dict[str, Any]]) -> str:
     return digest_of(sorted((rel, meta["sha256"]) for rel, meta in files.items()))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Writes a local file through a temporary name and a rename."""
+def atomic_write_text(path: Path, text: str, durable: bool = True) -> None:
+    """Writes a local file through a temporary name and a rename.
+
+    Args:
+        durable: fsync before the rename, so the file survives a power cut, not only a crash.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -127,13 +132,13 @@ class Store:
         return f"artifacts/{component}/{key}"
 
     def scratch(self, key: str) -> str:
-        """The scratch location of a stage config: a local path or a URI."""
-        path = self.join("scratch", key)
-        if self.is_local:
-            Path(path).mkdir(parents=True, exist_ok=True)
-        return path
+        """The scratch location of a stage config (a local path or a URI; made on first use)."""
+        return self.join("scratch", key)
 
     def drop_scratch(self, key: str) -> None:
+        if self.is_local:
+            shutil.rmtree(self.scratch(key), ignore_errors=True)
+            return
         fs, base = self._fs()
         with contextlib.suppress(FileNotFoundError, OSError):
             fs.delete_dir(f"{base}/scratch/{key}")
@@ -169,7 +174,10 @@ class Store:
         files.pop(MANIFEST, None)
         manifest = {**manifest, "files": files, "digest": files_digest(files)}
         manifest["path"] = self.join(self.artifact_rel(component, key))
-        atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+        # No fsync: an artifact is trusted only after its files pass their sha256 (verify), so
+        # even a power cut that tore a file is caught and the stage recomputed.
+        text = json.dumps(manifest, indent=1, sort_keys=True)
+        atomic_write_text(out_dir / MANIFEST, text, durable=False)
         if self.is_local:
             final = Path(manifest["path"])
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -184,7 +192,6 @@ class Store:
                 except ArtifactInvalid:
                     self.discard(component, key)
                     os.rename(out_dir, final)
-            _fsync_dir(final.parent)
         else:
             fs, base = self._fs()
             dest = f"{base}/{self.artifact_rel(component, key)}"
@@ -274,7 +281,8 @@ class Store:
     def write_run_file(self, run_id: str, name: str, text: str) -> None:
         """Writes a file of a run's directory (atomically on a local path)."""
         if self.is_local:
-            atomic_write_text(Path(self.run_dir(run_id)) / name, text)
+            # The record is not what makes a stage complete (its artifact is): no fsync.
+            atomic_write_text(Path(self.run_dir(run_id)) / name, text, durable=False)
             return
         fs, base = self._fs()
         fs.create_dir(f"{base}/runs/{run_id}", recursive=True)
@@ -298,14 +306,3 @@ class Store:
         except OSError:
             return []
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -146,6 +146,12 @@ class StageContext:
         if self.on_progress is not None:
             self.on_progress(point)
 
+    def progress(self, **metrics: Any) -> None:
+        """Shows a live progress point without recording it (e.g. an epoch that a restart may
+        redo; record the final curve with :meth:`report`)."""
+        if self.on_progress is not None:
+            self.on_progress({"time": time.time(), **metrics})
+
     def write_history(self) -> None:
         """Writes the reported points to ``out_dir/history.jsonl`` (the engine calls this)."""
         if self._history:

@@ -15,6 +15,9 @@ COMPONENTS: dict[str, str] = {
     # Small components that exercise the engine in tests and benchmarks.
     "test.sleep": "components.testing:Sleep",
     "test.fail": "components.testing:Fail",
+    "data.prepare": "components.data.prepare:Prepare",
+    "vision.train": "components.vision.train:VisionTrain",
+    "rl.ddpg": "components.rl.stage:DDPGStage",
 }
 
 

@@ -1,0 +1,92 @@
+"""The CNN classifier: plain PyTorch, no Ray."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Classifier(nn.Module):
+    """A VGG-style CNN: ``depth`` blocks of two 3x3 convolutions, each block doubling the
+    channels and halving the resolution, then global average pooling and a linear head.
+
+    Args:
+        in_channels: image channels (1 for grayscale).
+        num_classes: output classes.
+        image_size: (H, W); blocks stop pooling once the resolution reaches 2.
+        width: channels of the first block.
+        depth: number of blocks.
+        dropout: dropout before the head.
+        batch_norm: batch norm after each convolution.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        image_size: tuple[int, int],
+        width: int = 32,
+        depth: int = 2,
+        dropout: float = 0.2,
+        batch_norm: bool = True,
+    ):
+        super().__init__()
+        self.hparams = {
+            "in_channels": in_channels,
+            "num_classes": num_classes,
+            "image_size": list(image_size),
+            "width": width,
+            "depth": depth,
+            "dropout": dropout,
+            "batch_norm": batch_norm,
+        }
+        layers: list[nn.Module] = []
+        channels, size = in_channels, min(image_size)
+        for i in range(depth):
+            out = width * 2**i
+            for j in range(2):
+                layers.append(nn.Conv2d(channels if j == 0 else out, out, 3, padding=1))
+                layers.append(nn.BatchNorm2d(out) if batch_norm else nn.Identity())
+                layers.append(nn.ReLU(inplace=True))
+            if size >= 4:  # never pool below 2x2
+                layers.append(nn.MaxPool2d(2))
+                size //= 2
+            channels = out
+        self.body = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(channels, num_classes)
+        self.feature_dim = channels
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate activations (N, feature_dim): used for Frechet distances."""
+        return self.pool(self.body(x)).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.features(x)))
+
+    @classmethod
+    def from_hparams(cls, hparams: dict[str, Any]) -> Classifier:
+        return cls(**{**hparams, "image_size": tuple(hparams["image_size"])})
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Counts (true class, predicted class) pairs: rows are true classes."""
+    index = target.long() * num_classes + pred.long()
+    return torch.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def scores(confusion: torch.Tensor) -> dict[str, float]:
+    """Accuracy and macro-F1 from a confusion matrix (a class absent from both counts 0)."""
+    confusion = confusion.double()
+    tp = confusion.diag()
+    precision = tp / confusion.sum(0).clamp(min=1)
+    recall = tp / confusion.sum(1).clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    present = (confusion.sum(0) + confusion.sum(1)) > 0
+    return {
+        "accuracy": float(tp.sum() / confusion.sum().clamp(min=1)),
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+    }

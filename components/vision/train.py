@@ -1,0 +1,369 @@
+"""``vision.train``: trains the CNN classifier on a ``data.prepare`` artifact with Ray Train.
+
+Read top to bottom: the config, the per-worker loop (``train_func``: the same function serves
+the stage, Tune and the tests), the stage that drives it, and the loader for inference.
+Shared mechanics (checkpoint, resume, report, precision) live in ``components/training.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from components.api import Component, StageContext, StrictModel
+from components.training import TrainSettings
+
+MODEL_FILE = "model.pt"
+
+
+class EarlyStopping(StrictModel):
+    """Stops when ``metric`` has not improved for ``patience`` epochs."""
+
+    metric: str = "val/accuracy"
+    mode: Literal["max", "min"] = "max"
+    patience: int = Field(5, ge=1)
+
+
+class VisionTrainConfig(TrainSettings):
+    """Settings of ``vision.train`` (the shared ones are in ``TrainSettings``).
+
+    Attributes:
+        epochs: passes over the training split.
+        batch_size: per-worker batch size.
+        lr: peak learning rate.
+        weight_decay: decoupled weight decay (AdamW) or L2 (SGD).
+        optimizer: ``adamw`` or ``sgd`` (momentum 0.9, Nesterov).
+        schedule: ``cosine`` (to zero over ``epochs``), ``step`` or ``none``.
+        step_size: epochs between decays (``step``).
+        gamma: decay factor (``step``).
+        label_smoothing: cross-entropy label smoothing.
+        width: channels of the first convolution block.
+        depth: convolution blocks.
+        dropout: dropout before the classifier head.
+        batch_norm: batch norm after each convolution.
+        early_stopping: stop when a validation metric stalls (off when null).
+        shuffle_buffer: rows in the local shuffle buffer of each worker.
+    """
+
+    epochs: int = Field(15, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    schedule: Literal["cosine", "step", "none"] = "cosine"
+    step_size: int = Field(5, ge=1)
+    gamma: float = Field(0.5, gt=0, le=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    width: int = Field(32, ge=1)
+    depth: int = Field(2, ge=1, le=6)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    batch_norm: bool = True
+    early_stopping: EarlyStopping | None = None
+    shuffle_buffer: int = Field(2048, ge=0)
+
+
+# --- the per-worker loop ------------------------------------------------------------------
+
+
+def train_func(loop: dict[str, Any]) -> None:
+    """Trains on this worker's shard of ``train``; evaluates on ``val`` every epoch and on
+    ``test`` at the end with the best model. ``loop`` holds ``config`` (a VisionTrainConfig
+    as a dict), ``image_shape``, ``num_classes`` and ``progress`` (a queue, or None)."""
+    import ray.train
+    import torch
+    from torch import nn
+
+    from components import training
+    from components.vision.model import Classifier
+
+    cfg = VisionTrainConfig.model_validate(loop["config"])
+    dev = training.device()
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    c, h, w = loop["image_shape"]
+    num_classes = loop["num_classes"]
+    model = Classifier(c, num_classes, (h, w), cfg.width, cfg.depth, cfg.dropout, cfg.batch_norm)
+    model.to(dev)
+    optimizer = _optimizer(model, cfg)
+    scheduler = _scheduler(optimizer, cfg)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    # Resume: after a worker failure (or a rerun of the stage) continue from the last epoch.
+    state = training.restore()
+    start_epoch, history, resumed_from, stopped = 0, [], None, False
+    best = {"value": None, "epoch": -1, "model": training.cpu_state_dict(model), "stale": 0}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
+        resumed_from, stopped = start_epoch, state["stopped"]
+    model = ray.train.torch.prepare_model(model)  # DDP across workers (gloo or NCCL)
+
+    def snapshot(epoch: int) -> dict[str, Any]:
+        """What a restart needs to continue after ``epoch`` (tensors and plain data only)."""
+        return {
+            "epoch": epoch,
+            "model": training.cpu_state_dict(model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "history": history,
+            "best": best,
+            "stopped": stopped,
+            "resumed_from": resumed_from,
+        }
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    stop = cfg.early_stopping
+    watched = stop.metric if stop else "val/accuracy"
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, cfg.epochs if not stopped else start_epoch):
+        started = time.time()
+        model.train()
+        loss_sum, seen = 0.0, 0
+        for batch in train_shard.iter_torch_batches(
+            batch_size=cfg.batch_size,
+            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+            local_shuffle_seed=cfg.seed + epoch if cfg.shuffle_buffer else None,
+            device=dev,
+        ):
+            x, y = batch["image"], batch["label"]
+            with training.autocast(dev, cfg.precision):
+                loss = criterion(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(y)
+            seen += len(y)
+        scheduler.step()
+        training.sync_buffers(model)
+        loss_sum, seen = training.all_reduce_sum([loss_sum, seen], dev)
+        val = evaluate(model, val_shard, criterion, num_classes, dev, cfg)
+        metrics = {
+            "epoch": epoch,
+            "train/loss": loss_sum / max(seen, 1),
+            "train/samples_per_s": seen / max(time.time() - started, 1e-9),
+            "val/loss": val["loss"],
+            "val/accuracy": val["accuracy"],
+            "val/macro_f1": val["macro_f1"],
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        history.append(metrics)
+        value = metrics[watched]
+        maximize = stop is None or stop.mode == "max"
+        if best["value"] is None or (value > best["value"] if maximize else value < best["value"]):
+            best = {"value": value, "epoch": epoch, "model": training.cpu_state_dict(model)}
+        best["stale"] = epoch - best["epoch"]
+        stopped = stop is not None and best["stale"] >= stop.patience
+        training.report(metrics, snapshot(epoch), loop.get("progress"))
+        if stopped:
+            break
+
+    ranks = training.rank_fingerprints(model)  # the trained weights, before the best reload
+    # The final test evaluation uses the best model, as the artifact will.
+    training.unwrap(model).load_state_dict(best["model"])
+    test = evaluate(model, ray.train.get_dataset_shard("test"), criterion, num_classes, dev, cfg)
+    stopped = True  # a restart after this point only repeats the test evaluation
+    final = {
+        **snapshot(max(epoch, start_epoch - 1)),
+        "test": test,
+        "hparams": training.unwrap(model).hparams,
+        "world_size": training.world()[1],
+        "ranks": ranks,
+    }
+    training.report({"epoch": epoch, "test/accuracy": test["accuracy"]}, final)
+
+
+def evaluate(model, shard, criterion, num_classes: int, dev, cfg: VisionTrainConfig) -> dict:
+    """Loss, accuracy, macro-F1 and confusion matrix over a whole (unsplit) split.
+
+    Every rank evaluates all rows with the plain module (no DDP collectives), so each gets the
+    same exact numbers.
+    """
+    import torch
+
+    from components import training
+    from components.vision.model import confusion_matrix, scores
+
+    model = training.unwrap(model)
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=dev)
+    loss_sum, seen = 0.0, 0
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(batch_size=max(cfg.batch_size, 256), device=dev):
+            x, y = batch["image"], batch["label"]
+            with training.autocast(dev, cfg.precision):
+                logits = model(x)
+            loss_sum += float(criterion(logits.float(), y)) * len(y)
+            seen += len(y)
+            confusion += confusion_matrix(logits.argmax(1), y, num_classes)
+    confusion = confusion.cpu()
+    return {
+        "loss": loss_sum / max(seen, 1),
+        **scores(confusion),
+        "confusion": confusion.tolist(),
+        "rows": seen,
+    }
+
+
+def _optimizer(model, cfg: VisionTrainConfig):
+    import torch
+
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
+        )
+    return torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _scheduler(optimizer, cfg: VisionTrainConfig):
+    import torch
+
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
+
+
+# --- the stage ----------------------------------------------------------------------------
+
+
+class VisionTrain(Component):
+    """Trains the CNN classifier on a prepared image dataset (Ray Train, DDP)."""
+
+    name = "vision.train"
+    version = "1"
+    Config = VisionTrainConfig
+
+    def run(self, ctx: StageContext, config: VisionTrainConfig) -> dict[str, Any]:
+        from components import training
+        from components.data.dataset import load_dataset_info, read_split
+
+        data = ctx.input("data.")
+        info = load_dataset_info(data.path)
+        if info.kind != "image":
+            raise ValueError(
+                f"vision.train needs an image dataset; stage {data.stage!r} produced {info.kind}"
+            )
+        datasets = {split: read_split(data.path, split) for split in ("train", "val", "test")}
+        state = training.fit(
+            train_func,
+            {
+                "config": config.model_dump(mode="json"),
+                "image_shape": list(info.image_shape),
+                "num_classes": info.num_classes,
+            },
+            ctx,
+            config,
+            datasets,
+        )
+        for point in state["history"]:
+            ctx.report(step=point["epoch"], **{k: v for k, v in point.items() if k != "epoch"})
+        test = state["test"]
+        export(
+            ctx.out_dir,
+            state["best"]["model"],
+            state["hparams"],
+            info,
+            config,
+            {"test/accuracy": test["accuracy"], "test/macro_f1": test["macro_f1"]},
+        )
+        write_confusion(ctx.out_dir, test["confusion"], info.class_names)
+        return {
+            "test/accuracy": test["accuracy"],
+            "test/macro_f1": test["macro_f1"],
+            "test/loss": test["loss"],
+            "test/rows": test["rows"],
+            "best_epoch": state["best"]["epoch"],
+            "best/val_metric": state["best"]["value"],
+            "epochs_run": len(state["history"]),
+            "resumed_from_epoch": state["resumed_from"],
+            "workers": state["world_size"],
+            "ranks": state["ranks"],
+            "use_gpu": state["use_gpu"],
+            "train/samples_per_s": state["history"][-1]["train/samples_per_s"],
+        }
+
+
+# --- the artifact: export and load for inference ------------------------------------------
+
+
+def export(out_dir: Path, weights, hparams, info, config: VisionTrainConfig, metrics) -> None:
+    """Writes ``model.pt``: weights, architecture, normalization, classes, config, metrics."""
+    import torch
+
+    torch.save(
+        {
+            "model": weights,
+            "hparams": hparams,
+            "image_shape": list(info.image_shape),
+            "class_names": list(info.class_names),
+            "normalization": info.normalization,
+            "config": config.model_dump(mode="json"),
+            "metrics": metrics,
+        },
+        out_dir / MODEL_FILE,
+    )
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+
+
+def load_classifier(artifact_dir: str | Path):
+    """Rebuilds the trained classifier from a ``vision.train`` artifact, ready for inference.
+
+    Returns:
+        (model in eval mode on the CPU, the saved bundle: normalization, classes, metrics...)
+    """
+    import torch
+
+    from components.vision.model import Classifier
+
+    bundle = torch.load(Path(artifact_dir) / MODEL_FILE, map_location="cpu", weights_only=True)
+    model = Classifier.from_hparams(bundle["hparams"])
+    model.load_state_dict(bundle["model"])
+    model.eval()
+    return model, bundle
+
+
+def predict(model, images, batch_size: int = 512):
+    """Class predictions for normalized float32 images (N, C, H, W) (numpy or tensor)."""
+    import numpy as np
+    import torch
+
+    x = torch.as_tensor(np.array(images, dtype=np.float32))  # a writable copy
+    with torch.no_grad():
+        return torch.cat(
+            [model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]
+        )
+
+
+def write_confusion(out_dir: Path, confusion: list[list[int]], class_names: list[str]) -> None:
+    """Saves the confusion matrix as JSON and as a PNG heat map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    (out_dir / "confusion_matrix.json").write_text(
+        json.dumps({"classes": class_names, "matrix": confusion})
+    )
+    matrix = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * len(class_names), 1 + 0.45 * len(class_names)))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=90)
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (i, j), n in np.ndenumerate(matrix):
+        if n:
+            color = "white" if n > matrix.max() / 2 else "black"
+            ax.text(j, i, str(n), ha="center", va="center", fontsize=7, color=color)
+    ax.set_title("test confusion matrix")
+    fig.tight_layout()
+    fig.savefig(out_dir / "confusion_matrix.png", dpi=100, metadata={"Software": None})
+    plt.close(fig)

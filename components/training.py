@@ -38,6 +38,10 @@ class TrainSettings(StrictModel):
         precision: ``auto`` is bf16 autocast on GPU and fp32 on CPU; ``bf16``/``fp32`` force.
         placement: ``pack`` workers onto few nodes, or ``spread`` them one per node.
         keep_checkpoints: how many epoch checkpoints Ray Train keeps.
+        cache_data: read the datasets once into Ray's object store before training (``true``),
+            stream them from the shards every epoch (``false``), or ``auto``: cache when they
+            take under a quarter of the object store, or when the workers would hold every
+            CPU (streaming reads need one).
     """
 
     seed: int = 0
@@ -45,6 +49,7 @@ class TrainSettings(StrictModel):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     placement: Literal["pack", "spread"] = "pack"
     keep_checkpoints: int = 2
+    cache_data: Literal["auto", "true", "false"] = "auto"
 
 
 # --- inside the workers -------------------------------------------------------------------
@@ -198,6 +203,7 @@ def fit(
     settings: TrainSettings,
     datasets: dict[str, Any],
     split: tuple[str, ...] = ("train",),
+    data_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Runs a training function on Ray Train as the stage's resources say.
 
@@ -226,7 +232,7 @@ def fit(
     stop = threading.Event()
     forwarder = threading.Thread(target=_forward, args=(progress, ctx, stop), daemon=True)
     forwarder.start()
-    datasets = _materialize_if_starved(datasets, ctx)
+    datasets = _maybe_cache(datasets, ctx, settings.cache_data, data_bytes)
     trainer = TorchTrainer(
         train_func,
         train_loop_config={**loop_config, "progress": progress},
@@ -262,20 +268,29 @@ def fit(
     return state
 
 
-def _materialize_if_starved(datasets: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
-    """Reads the datasets into Ray's object store before training when the workers will hold
-    every CPU: Ray Data's streaming reads need a CPU to run on (its file listing asks for one
-    and cannot be told otherwise), and would otherwise wait forever. With a CPU to spare the
-    datasets stream into the workers as they train."""
+def _maybe_cache(
+    datasets: dict[str, Any], ctx: StageContext, cache: str, data_bytes: int | None
+) -> dict[str, Any]:
+    """Materializes the datasets into the object store when ``cache`` says so (see
+    ``TrainSettings.cache_data``). Streaming re-reads every shard each epoch, which costs
+    more than the training itself on small data; and Ray Data's file listing asks for a whole
+    CPU, so streaming would wait forever if the workers held every CPU."""
     import ray
 
-    spare = ray.cluster_resources().get("CPU", 0) - ctx.resources.workers * (
-        ctx.resources.cpus_per_worker
-    )
-    if spare >= 1:
-        return datasets
-    ctx.progress(note=f"materializing datasets first: {spare:g} CPU spare beside the trainers")
-    return {name: ds.materialize() for name, ds in datasets.items()}
+    cpus = ray.cluster_resources().get("CPU", 0)
+    spare = cpus - ctx.resources.workers * ctx.resources.cpus_per_worker
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    small = data_bytes is not None and data_bytes < store / 4
+    if cache == "false" and spare < 1:
+        raise RuntimeError(
+            f"cache_data is false but the {ctx.resources.workers} workers hold all {cpus:g} "
+            "CPUs: streaming reads would never run (lower cpus_per_worker or cache the data)"
+        )
+    if cache == "true" or (cache == "auto" and (small or spare < 1)):
+        why = "small enough to cache" if small else f"{spare:g} CPU spare beside the trainers"
+        ctx.progress(note=f"reading the datasets into the object store first ({why})")
+        return {name: ds.materialize() for name, ds in datasets.items()}
+    return datasets
 
 
 def _forward(queue: Any, ctx: StageContext, stop: threading.Event) -> None:

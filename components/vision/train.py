@@ -72,7 +72,8 @@ class VisionTrainConfig(TrainSettings):
 def train_func(loop: dict[str, Any]) -> None:
     """Trains on this worker's shard of ``train``; evaluates on ``val`` every epoch and on
     ``test`` at the end with the best model. ``loop`` holds ``config`` (a VisionTrainConfig
-    as a dict), ``image_shape``, ``num_classes`` and ``progress`` (a queue, or None)."""
+    as a dict), ``image_shape``, ``num_classes``, ``normalization`` (saved in every
+    checkpoint with the config) and ``progress`` (a queue, or None)."""
     import ray.train
     import torch
     from torch import nn
@@ -114,6 +115,8 @@ def train_func(loop: dict[str, Any]) -> None:
             "best": best,
             "stopped": stopped,
             "resumed_from": resumed_from,
+            "config": loop["config"],
+            "normalization": loop["normalization"],
         }
 
     train_shard = ray.train.get_dataset_shard("train")
@@ -257,10 +260,12 @@ class VisionTrain(Component):
                 "config": config.model_dump(mode="json"),
                 "image_shape": list(info.image_shape),
                 "num_classes": info.num_classes,
+                "normalization": info.normalization,
             },
             ctx,
             config,
             datasets,
+            data_bytes=sum(shard["bytes"] for shard in info.shards),
         )
         for point in state["history"]:
             ctx.report(step=point["epoch"], **{k: v for k, v in point.items() if k != "epoch"})

@@ -44,6 +44,22 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Print only the run id, the outcome and errors.")
+]
+
+
+def _console(quiet: bool):
+    """Sets up output for a run: plain lines without control codes when stdout is not a
+    terminal (CI logs), and the engine's progress printer (silent with ``--quiet``)."""
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's log prefixes uncolored
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # no redrawn bars
+    if quiet:
+        return lambda line: None
+    return lambda line: typer.echo(line)
+
+
 def _load(file: Path, overrides: list[str] | None) -> spec_mod.Pipeline:
     try:
         return spec_mod.load(file, overrides or [])
@@ -80,13 +96,15 @@ def run(
         ),
     ] = None,
     address: AddressOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Runs a pipeline; prints the run id; exits non-zero if a stage failed."""
     pipeline = _load(file, overrides)
     from pipelines import engine
 
+    printer = _console(quiet)
     try:
-        runner = engine.Runner(pipeline, force=force or [], address=address)
+        runner = engine.Runner(pipeline, force=force or [], address=address, printer=printer)
     except spec_mod.PipelineError as e:
         raise _fail(str(e)) from None
     record = runner.run()
@@ -104,12 +122,13 @@ def resume(
     run_id: Annotated[str, typer.Argument(help="The run to finish.")],
     storage: StorageOpt = DEFAULT_STORAGE,
     address: AddressOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Finishes a run that died, from its last complete stage."""
     from pipelines import engine
 
     try:
-        record = engine.resume_run(storage, run_id, address=address)
+        record = engine.resume_run(storage, run_id, address=address, printer=_console(quiet))
     except (FileNotFoundError, spec_mod.PipelineError) as e:
         raise _fail(str(e)) from None
     _finish(record)
@@ -160,6 +179,21 @@ def show(
             typer.echo(f"      error: {st['error']}")
     if record.error:
         typer.echo(f"error: {record.error}")
+
+
+@app.command()
+def report(
+    run_id: Annotated[str, typer.Argument(help="A run id (see `raypipe runs`).")],
+    storage: StorageOpt = DEFAULT_STORAGE,
+) -> None:
+    """(Re)writes a run's self-contained HTML report and prints its path."""
+    from pipelines.report import write_report
+    from pipelines.store import Store
+
+    try:
+        typer.echo(write_report(Store(storage), run_id))
+    except FileNotFoundError as e:
+        raise _fail(str(e)) from None
 
 
 @app.command()

@@ -452,7 +452,17 @@ class Runner:
             self.record.error = f"stage {failed[0]!r} failed: {first.get('error')}"
         self.record.finished = time.time()
         self.store.write_run_file(self.run_id, RUN_FILE, self.record.to_json())
+        self._write_report()
         return self.record
+
+    def _write_report(self) -> None:
+        """The HTML report; a failure to draw it is shown, never fails the run."""
+        from pipelines.report import write_report
+
+        try:
+            self.print(f"report: {write_report(self.store, self.run_id)}")
+        except Exception as e:  # noqa: BLE001 - the run's outcome stands without its report
+            self.print(f"report not written: {type(e).__name__}: {e}")
 
     def _stop_ray(self) -> None:
         if self._started_ray:

@@ -135,18 +135,53 @@ def resume(
 
 
 @app.command()
-def runs(storage: StorageOpt = DEFAULT_STORAGE) -> None:
-    """Lists the runs in a storage root, newest last."""
+def runs(
+    storage: StorageOpt = DEFAULT_STORAGE,
+    pipeline: Annotated[
+        str | None,
+        typer.Option("--pipeline", "-p", help="Only this pipeline, with key metrics compared."),
+    ] = None,
+) -> None:
+    """Lists the runs in a storage root, newest last; `--pipeline` compares their metrics."""
     from pipelines import engine
     from pipelines.store import Store
 
     records = engine.list_records(Store(storage))
+    if pipeline is not None:
+        records = [r for r in records if r.pipeline == pipeline]
     if not records:
-        typer.echo(f"no runs in {Store(storage).root}")
+        typer.echo(f"no runs{f' of {pipeline}' if pipeline else ''} in {Store(storage).root}")
         return
+    if pipeline is None:
+        for r in records:
+            done = sum(st["status"] == "succeeded" for st in r.stages.values())
+            typer.echo(f"{r.run_id}  {r.pipeline:<24} {r.status:<10} {done}/{len(r.stages)} stages")
+        return
+    # Side by side: one row per run, one column per numeric stage metric any run has.
+    columns: list[tuple[str, str]] = []
     for r in records:
-        done = sum(st["status"] == "succeeded" for st in r.stages.values())
-        typer.echo(f"{r.run_id}  {r.pipeline:<24} {r.status:<10} {done}/{len(r.stages)} stages")
+        for stage, st in r.stages.items():
+            for key, value in (st.get("metrics") or {}).items():
+                numeric = isinstance(value, int | float) and not isinstance(value, bool)
+                if numeric and _is_key_metric(key) and (stage, key) not in columns:
+                    columns.append((stage, key))
+    header = ["run", "status", *[f"{stage}:{key}" for stage, key in columns]]
+    rows = [header]
+    for r in records:
+        cells = [r.run_id, r.status]
+        for stage, key in columns:
+            value = ((r.stages.get(stage) or {}).get("metrics") or {}).get(key)
+            cells.append("" if value is None else f"{value:.4g}")
+        rows.append(cells)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+
+
+def _is_key_metric(key: str) -> bool:
+    """Metrics worth comparing across runs: evaluation results, not rates and counters."""
+    prefix = key.split("/")[0]
+    return prefix in {"test", "eval", "val", "best"} and not key.endswith(("_per_s", "/rows"))
 
 
 @app.command()
@@ -205,6 +240,300 @@ def components() -> None:
         cls = registry.get(name)
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         typer.echo(f"{name:<18} v{cls.version:<4} {doc}")
+
+
+# --- clusters: submit, jobs, cluster, schedule (issue 8) ---------------------------------
+
+JobsAddressOpt = Annotated[
+    str,
+    typer.Option(
+        "--address",
+        help="The cluster's Jobs API (dashboard) address, http://HEAD:8265.",
+        envvar="RAYPIPE_ADDRESS",
+    ),
+]
+
+
+def _jobs_client(address: str):
+    from pipelines import submit as submit_mod
+
+    try:
+        return submit_mod.JobsClient(address)
+    except submit_mod.SubmitError as e:
+        raise _fail(str(e), e.code) from None
+
+
+def _job_exit(status: str) -> None:
+    if status != "SUCCEEDED":
+        raise _fail(f"the job ended {status}", code=1)
+
+
+@app.command()
+def submit(
+    file: Annotated[Path, typer.Argument(help="Pipeline YAML file (inside the project).")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="stage.key=value overrides.")
+    ] = None,
+    address: JobsAddressOpt = ...,
+    key: Annotated[
+        str,
+        typer.Option(
+            "--key",
+            help="Part of the deterministic submission id: the same file, overrides and key "
+            "are one job. Change it to run again.",
+        ),
+    ] = "",
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the job's output; exit with its outcome.")
+    ] = False,
+    driver_cpus: Annotated[
+        float, typer.Option("--driver-cpus", help="CPUs reserved for the job's driver.")
+    ] = 0.25,
+) -> None:
+    """Submits a pipeline to a Ray cluster as a Ray job; prints the submission id."""
+    _load(file, overrides)  # bad input fails here, before any network call
+    from pipelines import submit as submit_mod
+
+    client = _jobs_client(address)
+    try:
+        sub = submit_mod.submit(
+            file, overrides or [], address, key=key, driver_cpus=driver_cpus, client=client
+        )
+    except submit_mod.SubmitError as e:
+        raise _fail(str(e), e.code) from None
+    except spec_mod.PipelineError as e:
+        raise _fail(str(e)) from None
+    if sub.created:
+        typer.echo(f"submitted job {sub.submission_id} ({sub.status})")
+    else:
+        typer.echo(
+            f"job {sub.submission_id} already exists ({sub.status}); not submitted again "
+            "(use --key to run it again)"
+        )
+    if wait:
+        try:
+            status = client.follow(sub.submission_id, typer.echo)
+        except submit_mod.SubmitError as e:
+            raise _fail(str(e), e.code) from None
+        typer.echo(f"job {sub.submission_id}: {status}")
+        _job_exit(status)
+
+
+jobs_app = typer.Typer(
+    help="Ray jobs on a cluster: list, status, logs, stop.", no_args_is_help=True
+)
+app.add_typer(jobs_app, name="jobs")
+JobArg = Annotated[str, typer.Argument(help="The job's submission id.")]
+
+
+@jobs_app.command("list")
+def jobs_list(address: JobsAddressOpt = ...) -> None:
+    """Lists the cluster's jobs, oldest first."""
+    client = _jobs_client(address)
+    from pipelines import submit as submit_mod
+
+    try:
+        jobs = [j for j in client.list() if j.submission_id]
+    except submit_mod.SubmitError as e:
+        raise _fail(str(e), e.code) from None
+    if not jobs:
+        typer.echo(f"no jobs on {client.address}")
+    for job in jobs:
+        pipeline = (job.metadata or {}).get("raypipe_pipeline", "-")
+        typer.echo(f"{job.submission_id:<44} {job.status.value:<10} {pipeline}")
+
+
+@jobs_app.command("status")
+def jobs_status(
+    job: JobArg,
+    address: JobsAddressOpt = ...,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the job's details.")] = False,
+) -> None:
+    """Prints a job's status (exit 0 whatever it is; 2 if there is no such job)."""
+    from pipelines import submit as submit_mod
+
+    client = _jobs_client(address)
+    try:
+        info = client.require(job)
+    except submit_mod.SubmitError as e:
+        raise _fail(str(e), e.code) from None
+    if as_json:
+        typer.echo(submit_mod.to_json(info))
+        return
+    typer.echo(f"{job}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    job: JobArg,
+    address: JobsAddressOpt = ...,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")
+    ] = False,
+) -> None:
+    """Prints a job's output (with --follow: until it ends, then exits with its outcome)."""
+    from pipelines import submit as submit_mod
+
+    client = _jobs_client(address)
+    try:
+        if follow:
+            status = client.follow(job, typer.echo)
+            typer.echo(f"job {job}: {status}")
+            _job_exit(status)
+            return
+        typer.echo(client.logs(job), nl=False)
+    except submit_mod.SubmitError as e:
+        raise _fail(str(e), e.code) from None
+
+
+@jobs_app.command("stop")
+def jobs_stop(
+    job: JobArg,
+    address: JobsAddressOpt = ...,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until it has stopped.")] = False,
+) -> None:
+    """Stops a job."""
+    from pipelines import submit as submit_mod
+
+    client = _jobs_client(address)
+    try:
+        stopped = client.stop(job)
+        status = client.wait(job, timeout=120) if wait else client.status(job)
+    except submit_mod.SubmitError as e:
+        raise _fail(str(e), e.code) from None
+    typer.echo(f"job {job}: {'stop requested' if stopped else 'had already ended'}; {status}")
+
+
+cluster_app = typer.Typer(
+    help="A local multi-node Ray cluster on 127.0.0.1, for development.", no_args_is_help=True
+)
+app.add_typer(cluster_app, name="cluster")
+ClusterDirOpt = Annotated[
+    Path,
+    typer.Option(
+        "--dir",
+        help="Where the cluster's state (pids, ports) is kept.",
+        envvar="RAYPIPE_CLUSTER_DIR",
+    ),
+]
+
+
+@cluster_app.command("up")
+def cluster_up(
+    workers: Annotated[int, typer.Option("--workers", "-w", min=0, help="Worker nodes.")] = 2,
+    head_cpus: Annotated[int, typer.Option("--head-cpus", min=0)] = 1,
+    worker_cpus: Annotated[int, typer.Option("--worker-cpus", min=0)] = 1,
+    state_dir: ClusterDirOpt = Path(".raypipe/cluster"),
+) -> None:
+    """Starts a head and N worker nodes with `ray start` on 127.0.0.1."""
+    from pipelines import localcluster
+
+    try:
+        info = localcluster.up(
+            workers, state_dir=state_dir, head_cpus=head_cpus, worker_cpus=worker_cpus
+        )
+    except localcluster.ClusterError as e:
+        raise _fail(str(e), code=1) from None
+    typer.echo(f"cluster up: {len(info.nodes)} nodes, {len(info.processes)} processes")
+    typer.echo(f"  ray.init / raypipe run --address {info.gcs_address}")
+    typer.echo(f"  raypipe submit FILE --address {info.dashboard_url}")
+    typer.echo(f"  raypipe cluster down --dir {state_dir}")
+
+
+@cluster_app.command("down")
+def cluster_down(state_dir: ClusterDirOpt = Path(".raypipe/cluster")) -> None:
+    """Stops exactly the processes `cluster up` started (by pid)."""
+    from pipelines import localcluster
+
+    info = localcluster.load(state_dir)
+    if info is None:
+        typer.echo(f"no cluster recorded in {state_dir}")
+        return
+    stopped = localcluster.down(state_dir)
+    typer.echo(f"cluster down: stopped {stopped} processes")
+
+
+@cluster_app.command("status")
+def cluster_status(state_dir: ClusterDirOpt = Path(".raypipe/cluster")) -> None:
+    """Shows the recorded cluster and how many of its processes still run."""
+    from pipelines import localcluster
+
+    info = localcluster.load(state_dir)
+    if info is None:
+        typer.echo(f"no cluster recorded in {state_dir}")
+        return
+    alive = localcluster.alive_processes(info)
+    typer.echo(f"gcs {info.gcs_address}  dashboard {info.dashboard_url}  nodes {len(info.nodes)}")
+    typer.echo(f"{len(alive)} of {len(info.processes)} recorded processes running")
+
+
+@app.command(
+    context_settings={"allow_extra_args": False},
+    help="Submits a pipeline at each cron tick: `raypipe schedule FILE [overrides] --address "
+    "URL`, or `raypipe schedule history FILE` for the ticks so far.",
+)
+def schedule(
+    args: Annotated[list[str], typer.Argument(help="FILE [overrides], or: history FILE.")],
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address", help="Jobs API address, http://HEAD:8265.", envvar="RAYPIPE_ADDRESS"
+        ),
+    ] = None,
+    cron: Annotated[
+        str | None, typer.Option("--cron", help="Cron expression (default: the file's `schedule`).")
+    ] = None,
+    every: Annotated[
+        float | None, typer.Option("--every", help="Tick every N seconds instead of a cron.")
+    ] = None,
+    policy: Annotated[
+        str, typer.Option("--missed", help="Missed ticks after a restart: skip | run_once.")
+    ] = "skip",
+    ticks: Annotated[
+        int | None, typer.Option("--ticks", help="Stop after this many ticks (default: never).")
+    ] = None,
+    state_dir: Annotated[
+        Path,
+        typer.Option(
+            "--state-dir", help="Lock and history live here.", envvar="RAYPIPE_SCHEDULE_DIR"
+        ),
+    ] = Path(".raypipe/schedules"),
+    as_json: Annotated[bool, typer.Option("--json", help="history: print JSON lines.")] = False,
+) -> None:
+    from pipelines import schedule as schedule_mod
+
+    if args[0] == "history":
+        if len(args) != 2:
+            raise _fail("usage: raypipe schedule history FILE")
+        pipeline = _load(Path(args[1]), None)
+        events = schedule_mod.History(state_dir, pipeline.name).read()
+        if as_json:
+            for event in events:
+                typer.echo(json.dumps(event, sort_keys=True))
+            return
+        if not events:
+            typer.echo(f"no ticks recorded for {pipeline.name} in {state_dir}")
+        for line in schedule_mod.format_history(events):
+            typer.echo(line)
+        return
+    file, overrides = Path(args[0]), args[1:]
+    pipeline = _load(file, overrides)
+    if not address:
+        raise _fail("--address (the cluster's Jobs API, http://HEAD:8265) is required")
+    try:
+        scheduler = schedule_mod.Scheduler(
+            file,
+            overrides,
+            address,
+            cron=cron or pipeline.spec.schedule,
+            every=every,
+            policy=policy,
+            state_dir=state_dir,
+            printer=typer.echo,
+        )
+        scheduler.run(max_ticks=ticks)
+    except schedule_mod.ScheduleError as e:
+        raise _fail(str(e), e.code) from None
 
 
 def main() -> None:  # pragma: no cover - the console script calls `app`

@@ -70,3 +70,45 @@ def test_run_output_in_a_non_terminal_is_plain_lines(tmp_path):
     run_id = quiet.stdout.split()[1].rstrip(":")
     record = json.loads((Path(tmp_path / "store" / "runs" / run_id / "run.json")).read_text())
     assert record["status"] == "failed"
+
+
+def test_runs_of_one_pipeline_compare_key_metrics(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    store = Store(str(tmp_path / "store"))
+    for run_id, acc in (("20260101-000000-aaaaaa", 0.91), ("20260102-000000-bbbbbb", 0.97)):
+        record = engine.RunRecord(
+            run_id=run_id,
+            pipeline="p",
+            source="p.yaml",
+            storage=store.root,
+            tracking=None,
+            overrides=[],
+            force=[],
+            status="succeeded",
+            stages={
+                "clf": {
+                    "uses": "vision.train",
+                    "status": "succeeded",
+                    "metrics": {"test/accuracy": acc, "train/samples_per_s": 5.0},
+                }
+            },
+        )
+        store.write_run_file(run_id, "run.json", record.to_json())
+    other = engine.RunRecord(
+        run_id="20260103-000000-cccccc",
+        pipeline="other",
+        source="o.yaml",
+        storage=store.root,
+        tracking=None,
+        overrides=[],
+        force=[],
+    )
+    store.write_run_file(other.run_id, "run.json", other.to_json())
+    result = CliRunner().invoke(app, ["runs", "--storage", store.root, "--pipeline", "p"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "clf:test/accuracy" in lines[0] and "samples_per_s" not in lines[0]
+    assert "0.91" in lines[1] and "0.97" in lines[2] and len(lines) == 3

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -47,17 +47,34 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="Print only the run id, the outcome and errors.")
 ]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option("--verbose", "-v", help="Also show Ray's own output (workers, Data, Train)."),
+]
 
 
-def _console(quiet: bool):
-    """Sets up output for a run: plain lines without control codes when stdout is not a
-    terminal (CI logs), and the engine's progress printer (silent with ``--quiet``)."""
+def _console(stages: list[str], quiet: bool, verbose: bool) -> tuple[dict, Any]:
+    """How a run talks: in a terminal, a live table of stages with Ray's worker output kept in
+    Ray's log files (stage errors still come back with their tracebacks) unless ``--verbose``;
+    elsewhere (CI logs) plain lines with no control codes, Ray's output included.
+
+    Returns:
+        The Runner's output options, and a context manager to run inside.
+    """
+    import contextlib
+
     if not sys.stdout.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's log prefixes uncolored
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # no redrawn bars
+        if quiet:
+            return {"printer": lambda line: None, "ray_logs": verbose}, contextlib.nullcontext()
+        return {"printer": typer.echo}, contextlib.nullcontext()
     if quiet:
-        return lambda line: None
-    return lambda line: typer.echo(line)
+        return {"printer": lambda line: None, "ray_logs": verbose}, contextlib.nullcontext()
+    from pipelines.progress import LiveTable
+
+    live = LiveTable(stages)
+    return {"printer": live.line, "display": live.stage, "ray_logs": verbose}, live
 
 
 def _load(file: Path, overrides: list[str] | None) -> spec_mod.Pipeline:
@@ -97,17 +114,19 @@ def run(
     ] = None,
     address: AddressOpt = None,
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Runs a pipeline; prints the run id; exits non-zero if a stage failed."""
     pipeline = _load(file, overrides)
     from pipelines import engine
 
-    printer = _console(quiet)
+    output, context = _console(pipeline.order, quiet, verbose)
     try:
-        runner = engine.Runner(pipeline, force=force or [], address=address, printer=printer)
+        runner = engine.Runner(pipeline, force=force or [], address=address, **output)
     except spec_mod.PipelineError as e:
         raise _fail(str(e)) from None
-    record = runner.run()
+    with context:
+        record = runner.run()
     _finish(record)
 
 
@@ -123,12 +142,17 @@ def resume(
     storage: StorageOpt = DEFAULT_STORAGE,
     address: AddressOpt = None,
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Finishes a run that died, from its last complete stage."""
     from pipelines import engine
+    from pipelines.store import Store
 
     try:
-        record = engine.resume_run(storage, run_id, address=address, printer=_console(quiet))
+        stages = list(engine.load_record(Store(storage), run_id).stages)
+        output, context = _console(stages, quiet, verbose)
+        with context:
+            record = engine.resume_run(storage, run_id, address=address, **output)
     except (FileNotFoundError, spec_mod.PipelineError) as e:
         raise _fail(str(e)) from None
     _finish(record)

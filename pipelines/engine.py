@@ -331,8 +331,13 @@ def _default_printer(line: str) -> None:
     print(line, flush=True)
 
 
-def ensure_ray(address: str | None) -> bool:
+def ensure_ray(address: str | None, log_to_driver: bool = True) -> bool:
     """Connects to Ray, starting an embedded local instance when no address is given.
+
+    Args:
+        address: a cluster address, or None for an embedded local Ray.
+        log_to_driver: forward the workers' output here (otherwise it stays in Ray's log
+            directory; stage errors still arrive with their tracebacks).
 
     Returns:
         True when this call started Ray (so the caller shuts it down at the end).
@@ -341,10 +346,11 @@ def ensure_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
+    kwargs = {"logging_level": "WARNING", "log_to_driver": log_to_driver}
     if address:
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=address, **kwargs)
     else:
-        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", include_dashboard=False, **kwargs)
     return True
 
 
@@ -357,6 +363,9 @@ class Runner:
         address: a Ray cluster to connect to; None starts an embedded Ray when needed.
         record: an existing record to continue (``raypipe resume``).
         printer: where progress lines go.
+        display: called with (stage, its record entry, message) on every stage event, in
+            place of a printed line (a live table in a terminal).
+        ray_logs: forward Ray workers' output to this process.
     """
 
     def __init__(
@@ -367,8 +376,12 @@ class Runner:
         address: str | None = None,
         record: RunRecord | None = None,
         printer: Printer = _default_printer,
+        display: Callable[[str, dict[str, Any], str], None] | None = None,
+        ray_logs: bool = True,
     ):
         self.pipeline = pipeline
+        self.display = display
+        self.ray_logs = ray_logs
         self.store = Store(pipeline.storage)
         self.address = address
         self.print = printer
@@ -423,7 +436,10 @@ class Runner:
             self._writer.flush()
 
     def _say(self, stage: str, message: str) -> None:
-        self.print(f"[{time.time() - self._t0:7.1f}s] {stage}: {message}")
+        if self.display is not None:
+            self.display(stage, self.record.stages[stage], message)
+        else:
+            self.print(f"[{time.time() - self._t0:7.1f}s] {stage}: {message}")
 
     def run(self) -> RunRecord:
         """Runs every stage that is not complete; returns the final record."""
@@ -579,7 +595,7 @@ class Runner:
         import ray
 
         if not ray.is_initialized():
-            self._started_ray = ensure_ray(self.address)
+            self._started_ray = ensure_ray(self.address, self.ray_logs)
         stage = self.pipeline.stages[name]
         job = StageJob(
             run_id=self.run_id,
@@ -681,7 +697,7 @@ def run_pipeline(
 
 
 def resume_run(
-    storage: str, run_id: str, *, address: str | None = None, printer: Printer = _default_printer
+    storage: str, run_id: str, *, address: str | None = None, **runner_options: Any
 ) -> RunRecord:
     """Finishes a run that died, from its last complete stage.
 
@@ -698,4 +714,4 @@ def resume_run(
         raise FileNotFoundError(f"run {run_id!r} has no {PIPELINE_FILE} in {store.root}")
     data = spec_mod.parse_yaml(text, f"{store.run_dir(run_id)}/{PIPELINE_FILE}")
     pipeline = spec_mod.validate(data, record.source, tuple(record.overrides))
-    return Runner(pipeline, address=address, record=record, printer=printer).run()
+    return Runner(pipeline, address=address, record=record, **runner_options).run()

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from pipelines import engine, spec
 from pipelines.report import write_report
@@ -112,3 +115,23 @@ def test_runs_of_one_pipeline_compare_key_metrics(tmp_path):
     lines = result.output.splitlines()
     assert "clf:test/accuracy" in lines[0] and "samples_per_s" not in lines[0]
     assert "0.91" in lines[1] and "0.97" in lines[2] and len(lines) == 3
+
+
+@pytest.mark.skipif(shutil.which("script") is None, reason="needs util-linux `script` for a pty")
+def test_run_in_a_terminal_shows_a_live_table_of_stages(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(f"name: r\nstorage: {tmp_path / 'store'}\nstages:\n{STAGES}")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "COLUMNS": "120", "TERM": "xterm"}
+    command = f"{sys.executable} -m pipelines.cli run {path}"
+    result = subprocess.run(
+        ["script", "-qec", command, "/dev/null"],  # a pseudo-terminal, as a user has
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 1  # the broken stage fails the run
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", result.stdout)
+    assert re.search(r"stage\s+state\s+elapsed\s+latest", screen)
+    assert re.search(r"\ba\s+succeeded\s+[\d.]+s", screen)
+    assert re.search(r"broken\s+failed\s+[\d.]+s\s+FAILED: RuntimeError", screen)

@@ -153,7 +153,7 @@ def resume(
         output, context = _console(stages, quiet, verbose)
         with context:
             record = engine.resume_run(storage, run_id, address=address, **output)
-    except (FileNotFoundError, spec_mod.PipelineError) as e:
+    except (FileNotFoundError, spec_mod.PipelineError, engine.RunLocked) as e:
         raise _fail(str(e)) from None
     _finish(record)
 

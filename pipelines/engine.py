@@ -13,7 +13,9 @@ driver that dies leaves a record ``raypipe resume`` can finish from.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import functools
 import hashlib
 import json
@@ -234,6 +236,40 @@ def _stage_task() -> Any:
     return ray.remote(execute_stage)
 
 
+class RunLocked(RuntimeError):
+    """A run is being driven by another live process."""
+
+
+@contextlib.contextmanager
+def driver_lock(store: Store, run_id: str):
+    """Holds ``runs/<run_id>/driver.lock`` while a driver runs, so ``resume`` cannot start a
+    second driver of a live run. It is an ``flock``: the kernel drops it when the process
+    dies, even by SIGKILL, so a dead driver never leaves a stale lock. (Local storage only:
+    object stores have no such lock.)"""
+    if not store.is_local:
+        yield
+        return
+    path = Path(store.run_dir(run_id)) / "driver.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise RunLocked(
+                f"run {run_id} is still running ({holder}); not starting a second driver"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class _ProgressWriter:
     """Appends a stage's progress points to ``runs/<id>/progress/<stage>.jsonl`` (local store)."""
 
@@ -442,7 +478,15 @@ class Runner:
             self.print(f"[{time.time() - self._t0:7.1f}s] {stage}: {message}")
 
     def run(self) -> RunRecord:
-        """Runs every stage that is not complete; returns the final record."""
+        """Runs every stage that is not complete; returns the final record.
+
+        Raises:
+            RunLocked: another live process is driving this run.
+        """
+        with driver_lock(self.store, self.run_id):
+            return self._run_locked()
+
+    def _run_locked(self) -> RunRecord:
         self.store.write_run_file(
             self.run_id, PIPELINE_FILE, yaml.safe_dump(self.pipeline.to_dict(), sort_keys=False)
         )

@@ -184,6 +184,9 @@ def test_driver_killed_mid_stage_then_resume(tmp_path):
         else:
             pytest.fail("the long stage never started")
         time.sleep(1.0)  # well inside the long stage
+        cmd, env = _cli("resume", run_dir.name, "--storage", str(store))
+        early = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+        assert early.returncode == 2 and "still running (pid" in early.stderr, early.stderr
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)
     finally:

@@ -311,8 +311,15 @@ def submit(
         bool, typer.Option("--wait", help="Follow the job's output; exit with its outcome.")
     ] = False,
     driver_cpus: Annotated[
-        float, typer.Option("--driver-cpus", help="CPUs reserved for the job's driver.")
-    ] = 0.25,
+        float | None,
+        typer.Option("--driver-cpus", help="CPUs reserved for the job's driver (default 0.25)."),
+    ] = None,
+    exclusive: Annotated[
+        bool,
+        typer.Option(
+            "--exclusive", help="Submit nothing while a job of this pipeline is still running."
+        ),
+    ] = False,
 ) -> None:
     """Submits a pipeline to a Ray cluster as a Ray job; prints the submission id."""
     _load(file, overrides)  # bad input fails here, before any network call
@@ -321,7 +328,13 @@ def submit(
     client = _jobs_client(address)
     try:
         sub = submit_mod.submit(
-            file, overrides or [], address, key=key, driver_cpus=driver_cpus, client=client
+            file,
+            overrides or [],
+            address,
+            key=key,
+            driver_cpus=submit_mod.DEFAULT_DRIVER_CPUS if driver_cpus is None else driver_cpus,
+            client=client,
+            exclusive=exclusive,
         )
     except submit_mod.SubmitError as e:
         raise _fail(str(e), e.code) from None
@@ -329,6 +342,9 @@ def submit(
         raise _fail(str(e)) from None
     if sub.created:
         typer.echo(f"submitted job {sub.submission_id} ({sub.status})")
+    elif sub.skipped:
+        typer.echo(f"job {sub.submission_id} of this pipeline is still {sub.status}; skipped")
+        return
     else:
         typer.echo(
             f"job {sub.submission_id} already exists ({sub.status}); not submitted again "
@@ -433,7 +449,7 @@ cluster_app = typer.Typer(
 )
 app.add_typer(cluster_app, name="cluster")
 ClusterDirOpt = Annotated[
-    Path,
+    Path | None,
     typer.Option(
         "--dir",
         help="Where the cluster's state (pids, ports) is kept.",
@@ -447,11 +463,12 @@ def cluster_up(
     workers: Annotated[int, typer.Option("--workers", "-w", min=0, help="Worker nodes.")] = 2,
     head_cpus: Annotated[int, typer.Option("--head-cpus", min=0)] = 1,
     worker_cpus: Annotated[int, typer.Option("--worker-cpus", min=0)] = 1,
-    state_dir: ClusterDirOpt = Path(".raypipe/cluster"),
+    state_dir: ClusterDirOpt = None,
 ) -> None:
     """Starts a head and N worker nodes with `ray start` on 127.0.0.1."""
     from pipelines import localcluster
 
+    state_dir = state_dir or Path(localcluster.DEFAULT_STATE_DIR)
     try:
         info = localcluster.up(
             workers, state_dir=state_dir, head_cpus=head_cpus, worker_cpus=worker_cpus
@@ -465,10 +482,11 @@ def cluster_up(
 
 
 @cluster_app.command("down")
-def cluster_down(state_dir: ClusterDirOpt = Path(".raypipe/cluster")) -> None:
+def cluster_down(state_dir: ClusterDirOpt = None) -> None:
     """Stops exactly the processes `cluster up` started (by pid)."""
     from pipelines import localcluster
 
+    state_dir = state_dir or Path(localcluster.DEFAULT_STATE_DIR)
     info = localcluster.load(state_dir)
     if info is None:
         typer.echo(f"no cluster recorded in {state_dir}")
@@ -478,10 +496,11 @@ def cluster_down(state_dir: ClusterDirOpt = Path(".raypipe/cluster")) -> None:
 
 
 @cluster_app.command("status")
-def cluster_status(state_dir: ClusterDirOpt = Path(".raypipe/cluster")) -> None:
+def cluster_status(state_dir: ClusterDirOpt = None) -> None:
     """Shows the recorded cluster and how many of its processes still run."""
     from pipelines import localcluster
 
+    state_dir = state_dir or Path(localcluster.DEFAULT_STATE_DIR)
     info = localcluster.load(state_dir)
     if info is None:
         typer.echo(f"no cluster recorded in {state_dir}")
@@ -492,7 +511,6 @@ def cluster_status(state_dir: ClusterDirOpt = Path(".raypipe/cluster")) -> None:
 
 
 @app.command(
-    context_settings={"allow_extra_args": False},
     help="Submits a pipeline at each cron tick: `raypipe schedule FILE [overrides] --address "
     "URL`, or `raypipe schedule history FILE` for the ticks so far.",
 )

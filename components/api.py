@@ -171,6 +171,14 @@ class Component:
     #: CPUs the stage's own Ray task holds; work it starts (Train, Tune, tasks) asks for its own.
     task_cpus: ClassVar[float] = 0.0
 
+    def source_paths(self, config: Any) -> list[str]:
+        """Files or folders the stage reads from outside the pipeline (its data sources).
+
+        The engine adds their sizes and modification times to the cache key, so a source that
+        was edited in place is read again rather than served from cache.
+        """
+        return []
+
     def run(self, ctx: StageContext, config: Any) -> dict[str, Any]:
         """Does the stage's work, writing files into ``ctx.out_dir``; returns metrics."""
         raise NotImplementedError

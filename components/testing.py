@@ -19,11 +19,13 @@ class SleepConfig(StrictModel):
     seconds: how long the stage works.
     value: a number added to the sum of the inputs' values; the result is the output.
     payload_bytes: size of an extra data file written into the artifact.
+    steps: progress points reported (``step``, ``train/loss`` falling as 1/(step+1)).
     """
 
     seconds: float = 0.0
     value: float = 1.0
     payload_bytes: int = 0
+    steps: int = 0
 
 
 class Sleep(Component):
@@ -38,6 +40,8 @@ class Sleep(Component):
         total = config.value
         for artifact in ctx.inputs.values():
             total += json.loads(artifact.file("out.json").read_text())["value"]
+        for step in range(config.steps):
+            ctx.report(step=step, **{"train/loss": 1.0 / (step + 1)})
         deadline = start + config.seconds
         while (left := deadline - time.time()) > 0:
             time.sleep(min(left, 0.05))

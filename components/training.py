@@ -221,7 +221,14 @@ def fit(
         RuntimeError: the training run failed (the message carries the workers' error).
     """
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
@@ -247,6 +254,8 @@ def fit(
             storage_path=ctx.scratch_dir,
             failure_config=FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=settings.keep_checkpoints),
+            # Per-report INFO lines from every worker drown the stage's own progress line.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=list(split)),

@@ -80,8 +80,9 @@ def cache_key(
     config: dict[str, Any],
     resources: dict[str, Any] | None,
     input_digests: dict[str, str],
+    sources: list[Any] | None = None,
 ) -> str:
-    """The cache key of a stage: what it runs, with what, on which inputs."""
+    """The cache key of a stage: what it runs, with what, on which inputs and source files."""
     return digest_of(
         {
             "component": component,
@@ -89,8 +90,27 @@ def cache_key(
             "config": config,
             "resources": resources,
             "inputs": input_digests,
+            **({"sources": sources} if sources else {}),
         }
     )[:32]
+
+
+def source_fingerprint(paths: list[str]) -> list[Any]:
+    """(path, size, mtime_ns) of every file under the given files or folders, sorted.
+
+    Cheap enough to take on every run (no file is read), like ``make``'s timestamps.
+    """
+    found: list[Any] = []
+    for raw in paths:
+        root = Path(raw).expanduser()
+        if not root.exists():
+            found.append([raw, "missing"])  # the stage itself reports the missing path
+            continue
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for path in files:
+            stat = path.stat()
+            found.append([str(path), stat.st_size, stat.st_mtime_ns])
+    return found
 
 
 # --- the stage task -----------------------------------------------------------------------
@@ -317,6 +337,8 @@ class RunRecord:
     finished: float | None = None
     resumed: int = 0
     error: str | None = None
+    mlflow_run_id: str | None = None
+    tracking_error: str | None = None
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -450,6 +472,7 @@ class Runner:
             done = {s for s, st in record.stages.items() if st.get("status") == SUCCEEDED}
             self.forced = pipeline.descendants(set(record.force)) - done
         self.record = record
+        self.tracker = None
         self.digests: dict[str, str] = {}
         self.keys: dict[str, str] = {}
         self._started_ray = False
@@ -490,10 +513,11 @@ class Runner:
         self.store.write_run_file(
             self.run_id, PIPELINE_FILE, yaml.safe_dump(self.pipeline.to_dict(), sort_keys=False)
         )
-        self.save()
         self.print(
             f"run {self.run_id} of pipeline {self.pipeline.name} (storage {self.store.root})"
         )
+        self._start_tracking()
+        self.save()
         try:
             self._loop()
         except BaseException as e:
@@ -511,9 +535,51 @@ class Runner:
             first = self.record.stages[failed[0]]
             self.record.error = f"stage {failed[0]!r} failed: {first.get('error')}"
         self.record.finished = time.time()
+        self._tracked(lambda t: t.finish(self.record.status))
         self.store.write_run_file(self.run_id, RUN_FILE, self.record.to_json())
         self._write_report()
         return self.record
+
+    def _start_tracking(self) -> None:
+        """Opens the MLflow parent run (reopened on resume); a failure is recorded, not fatal."""
+        uri = self.record.tracking
+        if not uri:
+            return
+        from pipelines.tracking import Tracker
+
+        root = f"{self.store.root}/mlflow-artifacts" if self.store.is_local else None
+        try:
+            self.tracker = Tracker(uri, self.pipeline.name, root)
+        except Exception as e:  # noqa: BLE001 - tracking is a record of the run, not the run
+            self.record.tracking_error = f"{type(e).__name__}: {e}"
+            self.print(f"tracking off: {self.record.tracking_error}")
+            return
+        self._tracked(
+            lambda t: setattr(
+                self.record,
+                "mlflow_run_id",
+                t.start(
+                    self.run_id,
+                    self.pipeline.name,
+                    self.record.overrides,
+                    self.record.mlflow_run_id,
+                ),
+            )
+        )
+
+    def _tracked(self, call: Callable[[Any], Any]) -> None:
+        """Runs one tracking call; the first failure turns tracking off for this run."""
+        if self.tracker is None:
+            return
+        try:
+            call(self.tracker)
+        except Exception as e:  # noqa: BLE001 - see _start_tracking
+            self.record.tracking_error = f"{type(e).__name__}: {e}"
+            self.print(f"tracking off: {self.record.tracking_error}")
+            self.tracker = None
+
+    def _track_stage(self, name: str, manifest: dict[str, Any] | None) -> None:
+        self._tracked(lambda t: t.stage(name, self.record.stages[name], manifest))
 
     def _write_report(self) -> None:
         """The HTML report; a failure to draw it is shown, never fails the run."""
@@ -598,6 +664,7 @@ class Runner:
             if component.resources_affect_output
             else None,
             {n: self.digests[n] for n in stage.needs},
+            source_fingerprint(component().source_paths(stage.config)),
         )
 
     def _start(self, name: str, running: dict[Any, str]) -> None:
@@ -628,6 +695,7 @@ class Runner:
                     metrics=manifest.get("metrics", {}),
                 )
                 self._say(name, "cached")
+                self._track_stage(name, manifest)
                 return
         running[self._launch(name, key, forced)] = name
         st.update(status=RUNNING, cache_hit=False, start=time.time(), end=None)
@@ -671,6 +739,7 @@ class Runner:
             message, trace = describe_failure(e)
             st.update(status=FAILED, end=time.time(), error=message, traceback=trace)
             self._say(name, f"FAILED: {message}")
+            self._track_stage(name, None)
         else:
             self.digests[name] = manifest["digest"]
             timings = manifest["timings"]
@@ -683,6 +752,7 @@ class Runner:
                 metrics=manifest.get("metrics", {}),
             )
             self._say(name, f"done in {timings['seconds']:.1f}s{_metric_summary(st['metrics'])}")
+            self._track_stage(name, manifest)
 
     def _show_progress(self, names: Iterable[str]) -> None:
         if not self.store.is_local:

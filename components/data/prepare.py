@@ -48,6 +48,13 @@ class Prepare(Component):
     Config = PrepareConfig
     resources_affect_output = False
 
+    def source_paths(self, config: PrepareConfig) -> list[str]:
+        source = config.source
+        paths = [getattr(source, name, None) for name in ("images", "labels", "paths", "root")]
+        return [
+            p for group in paths if group for p in ([group] if isinstance(group, str) else group)
+        ]
+
     def run(self, ctx: StageContext, config: PrepareConfig) -> dict[str, Any]:
         return prepare(config, ctx.out_dir, report=ctx.report)
 

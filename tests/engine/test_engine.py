@@ -220,3 +220,22 @@ def test_driver_killed_mid_stage_then_resume(tmp_path):
         json.loads((Path(final["stages"]["last"]["artifact"]) / "out.json").read_text())["value"]
         == 6
     )
+
+
+def test_an_edited_source_file_is_read_again(ray_local, tmp_path):
+    csv = tmp_path / "rows.csv"
+    csv.write_text("x,label\n" + "".join(f"{i},{i % 2}\n" for i in range(40)))
+    stages = (
+        "  prepare:\n    uses: data.prepare\n"
+        f"    with: {{source: {{kind: csv, paths: [{csv}]}}, split: {{val: 0.2, test: 0.2}}}}\n"
+    )
+    first, _ = run(pipeline(tmp_path, stages))
+    assert first.stages["prepare"]["metrics"]["data/rows_in"] == 40
+    again, _ = run(pipeline(tmp_path, stages))
+    assert again.stages["prepare"]["cache_hit"]
+    csv.write_text("x,label\n" + "".join(f"{i},{i % 2}\n" for i in range(60)))
+    stat = csv.stat()
+    os.utime(csv, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    edited, _ = run(pipeline(tmp_path, stages))
+    assert not edited.stages["prepare"]["cache_hit"]
+    assert edited.stages["prepare"]["metrics"]["data/rows_in"] == 60

@@ -1,0 +1,164 @@
+"""MLflow tracking of pipeline runs: one parent MLflow run per pipeline run, one nested run per
+stage with its config as params, its metrics (final, and per step from ``history.jsonl``),
+and its plots and small JSON files as artifacts.
+
+The driver logs each stage as it finishes, so components know nothing of MLflow. Tracking is a
+record of the run, not part of it: if the tracking store fails, the run goes on and the error
+is kept in the run record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+MAX_PARAM_CHARS = 6000
+MAX_STEP_METRICS = 20_000
+ARTIFACT_SUFFIXES = (".png", ".json")
+ARTIFACT_MAX_BYTES = 5 << 20
+
+
+class Tracker:
+    """Logs one pipeline run to MLflow.
+
+    Args:
+        uri: the MLflow tracking URI (``sqlite:///...``, ``http://...``).
+        experiment: the experiment name (the pipeline's name).
+        artifact_root: where a new experiment keeps artifacts (None: the server's default).
+    """
+
+    def __init__(self, uri: str, experiment: str, artifact_root: str | None = None):
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        from mlflow import MlflowClient
+
+        for name in ("alembic", "mlflow"):  # schema migrations and notices are not our output
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+        self.client = MlflowClient(tracking_uri=uri)
+        self.experiment_id = self._experiment(experiment, artifact_root)
+        self.parent_id: str | None = None
+
+    def _experiment(self, name: str, artifact_root: str | None) -> str:
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_root)
+        except MlflowException:  # created meanwhile by a concurrent run of the same pipeline
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def start(self, run_id: str, pipeline: str, overrides: list[str], parent_id: str | None):
+        """Starts (or, on resume, reopens) the parent run; returns its MLflow id."""
+        from mlflow.entities import Param, RunTag
+
+        if parent_id is not None:
+            self.parent_id = parent_id
+            self.client.update_run(parent_id, status="RUNNING")
+            return parent_id
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"{pipeline} {run_id}",
+            tags={"raypipe.run_id": run_id, "raypipe.pipeline": pipeline},
+        )
+        self.parent_id = run.info.run_id
+        params = [Param("overrides", " ".join(overrides)[:MAX_PARAM_CHARS])] if overrides else []
+        self.client.log_batch(self.parent_id, params=params, tags=[RunTag("raypipe.kind", "run")])
+        return self.parent_id
+
+    def stage(self, name: str, entry: dict[str, Any], manifest: dict[str, Any] | None) -> str:
+        """Logs one finished stage as a nested run; returns its MLflow id."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=name,
+            tags={
+                "mlflow.parentRunId": self.parent_id or "",
+                "raypipe.stage": name,
+                "raypipe.component": entry.get("uses", ""),
+                "raypipe.cache_hit": str(bool(entry.get("cache_hit"))).lower(),
+                "raypipe.status": entry["status"],
+            },
+        )
+        child = run.info.run_id
+        params, tags, metrics = [], [], []
+        if manifest is not None:
+            flat = _flatten(manifest.get("config", {}))
+            flat.update(_flatten(manifest.get("resources") or {}, "resources."))
+            params = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in sorted(flat.items())]
+            tags = [
+                RunTag("raypipe.artifact", str(manifest.get("path", ""))),
+                RunTag("raypipe.cache_key", str(manifest.get("cache_key", ""))),
+                RunTag("raypipe.component_version", str(manifest.get("version", ""))),
+            ]
+        now = int(time.time() * 1000)
+        for key, value in (entry.get("metrics") or {}).items():
+            if _number(value):
+                metrics.append(Metric(key, float(value), now, 0))
+        artifact_dir = Path(entry["artifact"]) if entry.get("artifact") else None
+        if artifact_dir is not None and (artifact_dir / "history.jsonl").is_file():
+            metrics += _history_metrics(artifact_dir / "history.jsonl")
+        if entry.get("error"):
+            tags.append(RunTag("raypipe.error", str(entry["error"])[:5000]))
+        # log_batch takes at most 100 params, 1000 metrics and 100 tags a call.
+        for chunk in _chunks(params, 100):
+            self.client.log_batch(child, params=chunk)
+        for chunk in _chunks(metrics, 1000):
+            self.client.log_batch(child, metrics=chunk)
+        self.client.log_batch(child, tags=tags)
+        if artifact_dir is not None and artifact_dir.is_dir():
+            for path in sorted(artifact_dir.rglob("*")):
+                small = path.is_file() and path.stat().st_size <= ARTIFACT_MAX_BYTES
+                if small and path.suffix in ARTIFACT_SUFFIXES:
+                    rel = path.parent.relative_to(artifact_dir).as_posix()
+                    self.client.log_artifact(child, str(path), None if rel == "." else rel)
+        status = {"succeeded": "FINISHED", "failed": "FAILED"}.get(entry["status"], "KILLED")
+        self.client.set_terminated(child, status=status)
+        return child
+
+    def finish(self, status: str) -> None:
+        if self.parent_id is not None:
+            state = "FINISHED" if status == "succeeded" else "FAILED"
+            self.client.set_terminated(self.parent_id, status=state)
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _flatten(value: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if isinstance(item, dict):
+            out.update(_flatten(item, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.dumps(item) if isinstance(item, list) else item
+    return out
+
+
+def _history_metrics(path: Path) -> list:
+    from mlflow.entities import Metric
+
+    metrics = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        point = json.loads(line)
+        step = int(point.get("step", i))
+        stamp = int(point.get("time", time.time()) * 1000)
+        for key, value in point.items():
+            if key not in ("step", "time") and _number(value):
+                metrics.append(Metric(key, float(value), stamp, step))
+        if len(metrics) >= MAX_STEP_METRICS:
+            break
+    return metrics

@@ -255,6 +255,50 @@ def report(
         raise _fail(str(e)) from None
 
 
+def _stage_artifact(storage: str, run_id: str, stage: str, component_prefix: str) -> Path:
+    """The local artifact directory of one stage of a run, checked to be the right kind."""
+    from pipelines import engine
+    from pipelines.store import Store
+
+    try:
+        record = engine.load_record(Store(storage), run_id)
+    except FileNotFoundError as e:
+        raise _fail(str(e)) from None
+    entry = record.stages.get(stage)
+    if entry is None:
+        raise _fail(f"run {run_id} has no stage {stage!r} (stages: {', '.join(record.stages)})")
+    if not entry.get("uses", "").startswith(component_prefix):
+        raise _fail(f"stage {stage!r} is a {entry.get('uses')} stage, not {component_prefix}*")
+    if entry.get("status") != "succeeded" or not entry.get("artifact"):
+        raise _fail(f"stage {stage!r} of run {run_id} has no artifact ({entry.get('status')})")
+    path = Path(entry["artifact"])
+    if not path.is_dir():
+        raise _fail(f"the artifact of stage {stage!r} is not on this machine: {path}")
+    return path
+
+
+@app.command()
+def rollout(
+    run_id: Annotated[str, typer.Argument(help="A run with an rl.* stage.")],
+    stage: Annotated[str, typer.Argument(help="The rl.ddpg stage.")],
+    episodes: Annotated[int, typer.Option("--episodes", "-n", min=1)] = 5,
+    video: Annotated[
+        bool, typer.Option("--video", help="Record the first episode (GIF, or a PNG plot).")
+    ] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Where the GIF/PNG goes.")] = None,
+    storage: StorageOpt = DEFAULT_STORAGE,
+) -> None:
+    """Runs a trained policy on its own for some episodes and prints their returns."""
+    artifact = _stage_artifact(storage, run_id, stage, "rl.")
+    from components.rl.policy import rollout as run_policy
+
+    returns = run_policy(artifact, episodes=episodes, video=video, out=out)
+    for i, value in enumerate(returns):
+        typer.echo(f"episode {i}: return {value:.2f}")
+    mean = sum(returns) / len(returns)
+    typer.echo(f"mean return over {len(returns)} episodes: {mean:.2f}")
+
+
 @app.command()
 def components() -> None:
     """Lists the components a pipeline can use."""

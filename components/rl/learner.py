@@ -26,7 +26,6 @@ from ray.rllib.connectors.learner.add_next_observations_from_episodes_to_train_b
 )
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
-from ray.rllib.core.learner.utils import update_target_network
 from ray.rllib.core.rl_module.apis import TargetNetworkAPI
 from ray.rllib.utils.metrics import TD_ERROR_KEY
 
@@ -38,6 +37,35 @@ Q_MEAN = "q_mean"
 ACTOR_UPDATES = "num_actor_updates"
 
 
+def td_target(
+    module, batch: dict[str, Any], gamma: float, target_noise: float, target_noise_clip: float
+) -> torch.Tensor:
+    """y = r + gamma^n (1 - terminated) min_i Q'_i(s', mu'(s') + clipped noise), without grad.
+
+    Terminations mask the bootstrap; a truncated transition (time limit) has
+    ``terminated = 0`` and its real next observation, so it is bootstrapped.
+    """
+    rewards = batch[Columns.REWARDS].float()
+    terminated = batch[Columns.TERMINATEDS].float()
+    n_step = batch["n_step"] if "n_step" in batch else torch.ones_like(rewards)
+    with torch.no_grad():
+        next_obs = batch[Columns.NEXT_OBS]
+        next_action = module.target_action(next_obs, target_noise, target_noise_clip)
+        q_next = module.forward_target({Columns.OBS: next_obs, Columns.ACTIONS: next_action})
+        return rewards + (gamma**n_step) * (1.0 - terminated) * q_next[Q_TARGET]
+
+
+@torch.no_grad()
+def polyak_update(main_net: torch.nn.Module, target_net: torch.nn.Module, tau: float) -> None:
+    """target <- tau * main + (1 - tau) * target, in place.
+
+    The same rule as RLlib's ``update_target_network``, which rebuilds and reloads a whole
+    state dict each call (a measurable share of a small network's update).
+    """
+    for target, main in zip(target_net.parameters(), main_net.parameters(), strict=True):
+        target.mul_(1.0 - tau).add_(main, alpha=tau)
+
+
 class DDPGTorchLearner(TorchLearner):
     """Critic every step, actor (and Polyak targets) every ``policy_delay`` steps."""
 
@@ -47,9 +75,9 @@ class DDPGTorchLearner(TorchLearner):
         self.num_critic_updates = 0
         self._update_actor = True
         self.module.foreach_module(
-            lambda mid, mod: mod.make_target_networks()
-            if isinstance(mod, TargetNetworkAPI)
-            else None
+            lambda mid, mod: (
+                mod.make_target_networks() if isinstance(mod, TargetNetworkAPI) else None
+            )
         )
         # Only used on RLlib's episode-replay path (the flat replay hands a ready batch).
         if self._learner_connector is not None:
@@ -67,7 +95,7 @@ class DDPGTorchLearner(TorchLearner):
             self.register_optimizer(
                 module_id=module_id,
                 optimizer_name=name,
-                optimizer=torch.optim.Adam(params),
+                optimizer=torch.optim.Adam(params, foreach=True),
                 params=params,
                 lr_or_lr_schedule=lr,
             )
@@ -78,18 +106,8 @@ class DDPGTorchLearner(TorchLearner):
         module = self.module[module_id].unwrapped()
         obs, actions = batch[Columns.OBS], batch[Columns.ACTIONS]
         rewards = batch[Columns.REWARDS].float()
-        terminated = batch[Columns.TERMINATEDS].float()
-        n_step = batch["n_step"] if "n_step" in batch else torch.ones_like(rewards)
 
-        # Critic target: no gradient, terminations masked, truncations bootstrapped.
-        with torch.no_grad():
-            next_obs = batch[Columns.NEXT_OBS]
-            next_action = module.target_action(
-                next_obs, config.target_noise, config.target_noise_clip
-            )
-            q_next = module.forward_target({Columns.OBS: next_obs, Columns.ACTIONS: next_action})
-            y = rewards + (config.gamma**n_step) * (1.0 - terminated) * q_next[Q_TARGET]
-
+        y = td_target(module, batch, config.gamma, config.target_noise, config.target_noise_clip)
         weights = batch["weights"].float() if "weights" in batch else torch.ones_like(rewards)
         q_values = module.q_values(obs, actions)
         critic_loss = sum(torch.mean(weights * (q - y) ** 2) for q in q_values)
@@ -114,18 +132,31 @@ class DDPGTorchLearner(TorchLearner):
         grads = super().compute_gradients(loss_per_module, **kwargs)
         return {pid: g for pid, g in grads.items() if g is not None}
 
+    def apply_gradients(self, gradients_dict) -> None:
+        if self._lr_scheduler_classes is not None or self.config.torch_skip_nan_gradients:
+            return super().apply_gradients(gradients_dict)
+        # RLlib's version turns `isfinite(grad).all()` into a Python bool once per parameter
+        # tensor on every step; one check over all gradient norms does the same job.
+        grads = list(gradients_dict.values())
+        if grads and not torch.isfinite(torch.stack([g.norm() for g in grads])).all():
+            gradients_dict = {pid: torch.nan_to_num(g) for pid, g in gradients_dict.items()}
+        for pid, grad in gradients_dict.items():
+            self._params[pid].grad = grad
+        for module_id, optimizer_names in self._module_optimizers.items():
+            for name in optimizer_names:
+                self.get_optimizer(module_id, name).step()
+
     def _uncompiled_update(self, batch: dict, **kwargs):
         # One gradient step. The policy delay is counted here, per step, so it holds however
         # many minibatches one `update()` call carries.
-        delays = {self.config.get_config_for_module(mid).policy_delay for mid in self.module.keys()}
-        self._update_actor = self.num_critic_updates % max(delays) == 0
+        self._update_actor = self.num_critic_updates % int(self.config.policy_delay) == 0
         out = super()._uncompiled_update(batch, **kwargs)
         self.num_critic_updates += 1
         if self._update_actor:
             for mid, module in self.module._rl_modules.items():
                 tau = self.config.get_config_for_module(mid).tau
                 for main_net, target_net in module.unwrapped().get_target_network_pairs():
-                    update_target_network(main_net=main_net, target_net=target_net, tau=tau)
+                    polyak_update(main_net, target_net, tau)
                 self.metrics.log_value((mid, ACTOR_UPDATES), 1, reduce="lifetime_sum")
         return out
 

@@ -94,6 +94,19 @@ class ArtifactInvalid(Exception):
     """A stored artifact failed verification; the message says which file and why."""
 
 
+def _check_files(local: Path, manifest: dict[str, Any]) -> None:
+    """Checks every file the manifest lists: present, right size, right sha256."""
+    for rel, meta in manifest.get("files", {}).items():
+        path = local / rel
+        if not path.is_file():
+            raise ArtifactInvalid(f"file {rel} is missing")
+        size = path.stat().st_size
+        if size != meta["bytes"]:
+            raise ArtifactInvalid(f"file {rel} has {size} bytes, expected {meta['bytes']}")
+        if sha256_file(path) != meta["sha256"]:
+            raise ArtifactInvalid(f"file {rel} does not match its sha256")
+
+
 @dataclass(frozen=True)
 class Store:
     """Storage for one pipeline: artifacts, scratch space and run records.
@@ -229,23 +242,25 @@ class Store:
         if manifest is None:
             raise ArtifactInvalid("no manifest.json")
         local = self.local_artifact_dir(component, key, manifest)
-        for rel, meta in manifest.get("files", {}).items():
-            path = local / rel
-            if not path.is_file():
-                raise ArtifactInvalid(f"file {rel} is missing")
-            if path.stat().st_size != meta["bytes"]:
-                raise ArtifactInvalid(
-                    f"file {rel} has {path.stat().st_size} bytes, expected {meta['bytes']}"
-                )
-            if sha256_file(path) != meta["sha256"]:
-                raise ArtifactInvalid(f"file {rel} does not match its sha256")
+        try:
+            _check_files(local, manifest)
+        except ArtifactInvalid:
+            if self.is_local:
+                raise
+            # A torn or stale download on this node: fetch once more before calling it broken.
+            shutil.rmtree(local, ignore_errors=True)
+            _check_files(self.local_artifact_dir(component, key, manifest), manifest)
         return manifest
 
     def local_artifact_dir(self, component: str, key: str, manifest: dict[str, Any]) -> Path:
-        """A local directory holding the artifact's files (downloaded from a remote store)."""
+        """A local directory holding the artifact's files (downloaded from a remote store).
+
+        Downloads are kept per content digest, so two stores' artifacts of the same key never
+        share a local copy.
+        """
         if self.is_local:
             return Path(self.root) / self.artifact_rel(component, key)
-        local = self.local_cache_dir() / component / key
+        local = self.local_cache_dir() / component / key / manifest["digest"][:16]
         fs, base = self._fs()
         src = f"{base}/{self.artifact_rel(component, key)}"
         for rel, meta in manifest.get("files", {}).items():
@@ -253,9 +268,12 @@ class Store:
             if path.is_file() and path.stat().st_size == meta["bytes"]:
                 continue
             path.parent.mkdir(parents=True, exist_ok=True)
+            part = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
             try:
-                pafs.copy_files(f"{src}/{rel}", str(path), source_filesystem=fs)
+                pafs.copy_files(f"{src}/{rel}", str(part), source_filesystem=fs)
+                os.replace(part, path)  # never a half-downloaded file under the real name
             except (FileNotFoundError, OSError):
+                part.unlink(missing_ok=True)
                 continue  # verify() reports the missing file
         return local
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -11,6 +12,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 # Keep Ray Data / Train from drawing progress bars into test logs.
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# Downloads of artifacts from URI stores go to a cache of this test session's own.
+os.environ.setdefault("RAYPIPE_CACHE", tempfile.mkdtemp(prefix="raypipe-test-cache-"))
 
 
 def _init_local():

@@ -127,8 +127,12 @@ def test_store_on_a_pyarrow_uri(ray_local, tmp_path):
     uri = f"file://{tmp_path}/uri-store"
     first, _ = run(pipeline(tmp_path, DIAMOND, storage=uri))
     assert first.ok, first.error
-    second, _ = run(pipeline(tmp_path, DIAMOND, storage=uri))
-    assert all(s["cache_hit"] for s in second.stages.values())
+    # Another store with the same stage keys but other bytes (each out.json holds its pid):
+    # the local copies of the two stores' artifacts must never be mixed up.
+    other, _ = run(pipeline(tmp_path, DIAMOND, storage=f"file://{tmp_path}/other-store"))
+    assert other.ok and other.stages["a"]["cache_key"] == first.stages["a"]["cache_key"]
+    second, lines = run(pipeline(tmp_path, DIAMOND, storage=uri))
+    assert all(s["cache_hit"] for s in second.stages.values()), lines
     assert engine.load_record(Store(uri), first.run_id).status == "succeeded"
 
 

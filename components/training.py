@@ -283,17 +283,20 @@ def _maybe_cache(
     """Materializes the datasets into the object store when ``cache`` says so (see
     ``TrainSettings.cache_data``). Streaming re-reads every shard each epoch, which costs
     more than the training itself on small data; and Ray Data's file listing asks for a whole
-    CPU, so streaming would wait forever if the workers held every CPU."""
+    CPU, so streaming would wait forever if the workers held every CPU. Spare CPUs are
+    counted from what is free now, not the cluster's total: other stages may be training
+    beside this one."""
     import ray
 
-    cpus = ray.cluster_resources().get("CPU", 0)
+    cpus = ray.available_resources().get("CPU", 0)
     spare = cpus - ctx.resources.workers * ctx.resources.cpus_per_worker
     store = ray.cluster_resources().get("object_store_memory", 0)
     small = data_bytes is not None and data_bytes < store / 4
     if cache == "false" and spare < 1:
         raise RuntimeError(
-            f"cache_data is false but the {ctx.resources.workers} workers hold all {cpus:g} "
-            "CPUs: streaming reads would never run (lower cpus_per_worker or cache the data)"
+            f"cache_data is false but the {ctx.resources.workers} workers would hold all "
+            f"{cpus:g} free CPUs: streaming reads would never run (lower cpus_per_worker or "
+            "cache the data)"
         )
     if cache == "true" or (cache == "auto" and (small or spare < 1)):
         why = "small enough to cache" if small else f"{spare:g} CPU spare beside the trainers"

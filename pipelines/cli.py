@@ -300,6 +300,28 @@ def rollout(
 
 
 @app.command()
+def sample(
+    run_id: Annotated[str, typer.Argument(help="A run with a generative.* stage.")],
+    stage: Annotated[str, typer.Argument(help="The generative.vae or generative.gan stage.")],
+    n: Annotated[int, typer.Option("--n", min=1, max=1024, help="Images in the grid.")] = 64,
+    label: Annotated[
+        int | None, typer.Option("--label", help="The class to draw (conditional models).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="The PNG to write.")] = None,
+    storage: StorageOpt = DEFAULT_STORAGE,
+) -> None:
+    """Draws samples from a trained VAE or GAN into a PNG grid; prints its path."""
+    artifact = _stage_artifact(storage, run_id, stage, "generative.")
+    from components.generative.sampling import sample_grid
+
+    target = out or Path(f"{stage}-samples{'' if label is None else f'-label{label}'}.png")
+    try:
+        typer.echo(sample_grid(artifact, n, label, target))
+    except ValueError as e:
+        raise _fail(str(e)) from None
+
+
+@app.command()
 def components() -> None:
     """Lists the components a pipeline can use."""
     from components import registry

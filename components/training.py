@@ -277,6 +277,39 @@ def fit(
     return state
 
 
+def summary(state: dict[str, Any]) -> dict[str, Any]:
+    """The run facts every trainer reports from its final state: epochs, resume, workers."""
+    return {
+        "epochs_run": len(state["history"]),
+        "resumed_from_epoch": state["resumed_from"],
+        "workers": state["world_size"],
+        "ranks": state["ranks"],
+        "use_gpu": state["use_gpu"],
+        "train/samples_per_s": state["history"][-1]["train/samples_per_s"],
+    }
+
+
+def save_model(path: Path, weights, hparams, info, config, metrics, **extra: Any) -> None:
+    """Writes a trained model bundle: weights, architecture, the data's shape, classes and
+    normalization, the resolved config and the numeric metrics (tensors and plain data
+    only, so it loads with ``torch.load(weights_only=True)``)."""
+    import torch
+
+    torch.save(
+        {
+            **extra,
+            "model": weights,
+            "hparams": hparams,
+            "image_shape": list(info.image_shape),
+            "class_names": list(info.class_names),
+            "normalization": info.normalization,
+            "config": config.model_dump(mode="json"),
+            "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
+        },
+        path,
+    )
+
+
 def _maybe_cache(
     datasets: dict[str, Any], ctx: StageContext, cache: str, data_bytes: int | None
 ) -> dict[str, Any]:

@@ -211,12 +211,7 @@ def run_stage(
     metrics = {
         **state["final"],
         **scores,
-        "epochs_run": len(state["history"]),
-        "resumed_from_epoch": state["resumed_from"],
-        "workers": state["world_size"],
-        "ranks": state["ranks"],
-        "use_gpu": state["use_gpu"],
-        "train/samples_per_s": state["history"][-1]["train/samples_per_s"],
+        **training.summary(state),
         "classifier_stage": vision.stage,
     }
     sampling.export(ctx.out_dir, kind, state["model"], state["hparams"], info, config, metrics)

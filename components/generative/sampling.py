@@ -109,22 +109,10 @@ def sample_grid(artifact_dir: Path, n: int, label: int | None, out: Path, seed: 
 def export(out_dir: Path, kind: str, weights, hparams, info, config, metrics) -> Path:
     """Writes ``model.pt``: the sampler's weights, architecture, normalization, classes,
     config and metrics (tensors and plain data only: loadable with ``weights_only``)."""
-    import torch
+    from components import training
 
     path = Path(out_dir) / MODEL_FILE
-    torch.save(
-        {
-            "kind": kind,
-            "model": weights,
-            "hparams": hparams,
-            "image_shape": list(info.image_shape),
-            "class_names": list(info.class_names),
-            "normalization": info.normalization,
-            "config": config.model_dump(mode="json"),
-            "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
-        },
-        path,
-    )
+    training.save_model(path, weights, hparams, info, config, metrics, kind=kind)
     return path
 
 

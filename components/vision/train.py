@@ -286,12 +286,7 @@ class VisionTrain(Component):
             "test/rows": test["rows"],
             "best_epoch": state["best"]["epoch"],
             "best/val_metric": state["best"]["value"],
-            "epochs_run": len(state["history"]),
-            "resumed_from_epoch": state["resumed_from"],
-            "workers": state["world_size"],
-            "ranks": state["ranks"],
-            "use_gpu": state["use_gpu"],
-            "train/samples_per_s": state["history"][-1]["train/samples_per_s"],
+            **training.summary(state),
         }
 
 
@@ -300,20 +295,9 @@ class VisionTrain(Component):
 
 def export(out_dir: Path, weights, hparams, info, config: VisionTrainConfig, metrics) -> None:
     """Writes ``model.pt``: weights, architecture, normalization, classes, config, metrics."""
-    import torch
+    from components import training
 
-    torch.save(
-        {
-            "model": weights,
-            "hparams": hparams,
-            "image_shape": list(info.image_shape),
-            "class_names": list(info.class_names),
-            "normalization": info.normalization,
-            "config": config.model_dump(mode="json"),
-            "metrics": metrics,
-        },
-        out_dir / MODEL_FILE,
-    )
+    training.save_model(out_dir / MODEL_FILE, weights, hparams, info, config, metrics)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
 
 

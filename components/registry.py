@@ -18,6 +18,8 @@ COMPONENTS: dict[str, str] = {
     "data.prepare": "components.data.prepare:Prepare",
     "vision.train": "components.vision.train:VisionTrain",
     "rl.ddpg": "components.rl.stage:DDPGStage",
+    "generative.vae": "components.generative.vae:VAEStage",
+    "generative.gan": "components.generative.gan:GANStage",
 }
 
 

@@ -112,7 +112,9 @@ class Tracker:
         for chunk in _chunks(metrics, 1000):
             self.client.log_batch(child, metrics=chunk)
         self.client.log_batch(child, tags=tags)
-        if artifact_dir is not None and artifact_dir.is_dir():
+        # A cached stage's files were logged by the run that computed them (tag
+        # raypipe.artifact points at them): copying them again on every rerun is waste.
+        if artifact_dir is not None and artifact_dir.is_dir() and not entry.get("cache_hit"):
             for path in sorted(artifact_dir.rglob("*")):
                 small = path.is_file() and path.stat().st_size <= ARTIFACT_MAX_BYTES
                 if small and path.suffix in ARTIFACT_SUFFIXES:

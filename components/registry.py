@@ -20,6 +20,8 @@ COMPONENTS: dict[str, str] = {
     "rl.ddpg": "components.rl.stage:DDPGStage",
     "generative.vae": "components.generative.vae:VAEStage",
     "generative.gan": "components.generative.gan:GANStage",
+    "tune.search": "components.tune.search:TuneSearch",
+    "tune.evaluate": "components.tune.evaluate:TuneEvaluate",
 }
 
 

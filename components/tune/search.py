@@ -1,0 +1,483 @@
+"""``tune.search``: Ray Tune over a trainable component (``vision.train`` today).
+
+Each trial is a function that validates its sampled config against the trainable's own Config,
+then builds and fits a ``TorchTrainer`` running the component's unchanged ``train_func`` (the
+Ray 2.60 way: ``Tuner(trainer)`` is deprecated). A ``TuneReportCallback`` forwards every
+epoch's report to Tune, so ASHA can stop a poor trial after any epoch.
+
+The artifact: ``results.parquet`` and ``results.csv`` (one row per trial: status, config,
+final metrics, error), ``best_config.json``, the best trial's checkpoint (``checkpoint/``) and
+its model exported as the trainable exports it (``model.pt``), so ``tune.evaluate`` and
+``load_classifier`` take it like a ``vision.train`` artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from components import registry
+from components.api import Component, StageContext, StrictModel
+from components.tune import adapters
+from components.tune.space import Dimension, check_space
+
+RESULTS_FILE = "results.parquet"
+BEST_FILE = "best_config.json"
+CHECKPOINT_DIR = "checkpoint"
+TRIAL_DRIVER_MEMORY = 256 * 1024**2
+
+
+class SearchConfig(StrictModel):
+    """Settings of ``tune.search``.
+
+    Attributes:
+        trainable: the component whose ``train_func`` every trial runs.
+        train: the trainable's ``with:`` settings every trial starts from (e.g. ``epochs``).
+        search: ``random`` sampling, ``grid`` (every dimension a ``grid``: runs exactly the
+            grid) or ``optuna`` (Optuna's TPE, model-based; no ``grid`` dimensions).
+        samples: trials to sample (``random``, ``optuna``; default 8) or passes over the grid
+            (``grid``; default 1).
+        space: the searched ``with:`` keys of the trainable (see ``components/tune/space.py``).
+        scheduler: ``asha`` stops poor trials at epoch milestones; ``fifo`` runs all to the end.
+        grace_period: epochs every trial runs before ASHA may stop it.
+        reduction_factor: ASHA keeps the best 1/``reduction_factor`` at each milestone.
+        metric: the per-epoch metric that ranks trials (validation, never test).
+        mode: whether ``metric`` is maximized or minimized.
+        time_budget_s: stops the search after this many seconds (trials running are stopped).
+        max_concurrent_trials: trials at once; default: as many as the cluster's CPUs (and GPUs)
+            hold, each trial taking ``resources.workers * resources.cpus_per_worker`` CPUs.
+        seed: seeds the sampler (random and Optuna), so the same config samples the same trials.
+    """
+
+    trainable: str = "vision.train"
+    train: dict[str, Any] = Field(default_factory=dict)
+    search: Literal["random", "grid", "optuna"] = "random"
+    samples: int | None = Field(None, ge=1)
+    space: dict[str, Any]
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(3.0, gt=1)
+    metric: str = "val/accuracy"
+    mode: Literal["max", "min"] = "max"
+    time_budget_s: float | None = Field(None, gt=0)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    seed: int = 0
+
+    @field_validator("trainable")
+    @classmethod
+    def _known_trainable(cls, value: str) -> str:
+        adapters.get(value)
+        return value
+
+    @field_validator("train")
+    @classmethod
+    def _train_settings(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "trainable" in info.data:
+            registry.get(info.data["trainable"]).Config.model_validate(value)
+        return value
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "trainable" not in info.data or "train" not in info.data:
+            return value
+        if not value:
+            raise ValueError("the space needs at least one key")
+        model = registry.get(info.data["trainable"]).Config
+        check_space(value, model, info.data["train"])
+        search = info.data.get("search")
+        for key, dim in value.items():
+            if search == "grid" and "grid" not in dim:
+                raise ValueError(f"search: grid needs every dimension as a grid; {key} is not")
+            if search == "optuna" and "grid" in dim:
+                raise ValueError(f"search: optuna samples; {key} is a grid (use choice)")
+        return value
+
+    @field_validator("metric")
+    @classmethod
+    def _reported_metric(cls, value: str, info: ValidationInfo) -> str:
+        if "trainable" in info.data:
+            reported = adapters.get(info.data["trainable"]).epoch_metrics
+            if value not in reported:
+                raise ValueError(f"not reported every epoch; one of: {', '.join(reported)}")
+        return value
+
+    def dimensions(self) -> dict[str, Dimension]:
+        return {key: Dimension.model_validate(dim) for key, dim in self.space.items()}
+
+    def num_samples(self) -> int:
+        return self.samples or (1 if self.search == "grid" else 8)
+
+    def max_epochs(self) -> int:
+        """The most epochs a trial can run (ASHA's budget)."""
+        dims = self.dimensions()
+        if "epochs" in dims:
+            return int(dims["epochs"].largest())
+        return registry.get(self.trainable).Config.model_validate(self.train).epochs
+
+
+# --- one trial ------------------------------------------------------------------------------
+
+
+def _report_callback(epoch_metric: str):
+    """A ``TuneReportCallback`` that counts epochs and carries the last epoch's metrics into
+    later reports (the final test report has no validation metrics; Tune wants the ranking
+    metric in every result)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class CarryForward(TuneReportCallback):
+        def __init__(self):
+            super().__init__()
+            self.last: dict[str, Any] = {"epochs_done": 0}
+
+        def after_report(self, run_context, metrics, checkpoint):
+            first = dict(metrics[0])
+            if epoch_metric in first:
+                self.last["epochs_done"] += 1
+            self.last = {**self.last, **first}
+            super().after_report(run_context, [dict(self.last), *metrics[1:]], checkpoint)
+
+    return CarryForward()
+
+
+def run_trial(
+    params: dict[str, Any],
+    *,
+    component: str,
+    fixed: dict[str, Any],
+    loop: dict[str, Any],
+    datasets: dict[str, Any],
+    resources: dict[str, Any],
+    use_gpu: bool,
+    storage: str,
+    run_name: str,
+    groups: Any,
+) -> None:
+    """The Tune trainable: fits one ``TorchTrainer`` with the sampled ``params``.
+
+    Raises:
+        pydantic.ValidationError: the sampled config is not valid for the trainable.
+        ray.train.TrainingFailedError: the training run failed (Tune records the error).
+    """
+    from ray import tune
+    from ray.train import CheckpointConfig, DataConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    adapter = adapters.get(component)
+    config = registry.get(component).Config.model_validate({**fixed, **params})
+    trial_id = tune.get_context().get_trial_id()
+    per_worker = {"CPU": resources["cpus_per_worker"], **({"GPU": 1} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_in_trial,
+        train_loop_config={
+            **loop,
+            "config": config.model_dump(mode="json"),
+            "progress": None,
+            "component": component,
+            "trial": (trial_id, groups),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=resources["workers"], use_gpu=use_gpu, resources_per_worker=per_worker
+        ),
+        run_config=RunConfig(
+            # Unique per trial: Train resumes a run whose name and storage it finds again.
+            name=f"{run_name}-{trial_id}",
+            storage_path=storage,
+            callbacks=[_report_callback(adapter.epoch_metrics[0])],
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=list(adapter.split)),
+    )
+    trainer.fit()
+
+
+def train_in_trial(loop: dict[str, Any]) -> None:
+    """The trainable's own ``train_func``, after rank 0 has told the search which placement
+    group holds this trial's workers (see :class:`_FreeStoppedTrials`)."""
+    import ray
+
+    from components import training
+
+    trial_id, groups = loop["trial"]
+    group = ray.util.get_current_placement_group()
+    if training.world()[0] == 0 and group is not None:
+        groups.put((trial_id, group.id.hex()))
+    adapters.get(loop["component"]).load_train_func()(loop)
+
+
+def _free_stopped_trials(groups: Any):
+    """A Tune callback that removes the placement group of each trial that ended.
+
+    When ASHA (or the time budget) stops a trial, Tune ends the trial's process, and with it
+    Train's controller, which never gets to remove its workers' placement group. Train's
+    detached cleaner would, but it finds the controller gone through the dashboard's state API,
+    and the engine's Ray runs without a dashboard: the group would keep its CPUs reserved and
+    later trials would wait forever.
+    """
+    from ray import tune
+
+    class FreeStoppedTrials(tune.Callback):
+        def __init__(self):
+            self.by_trial: dict[str, str] = {}
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._free(trial.trial_id)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._free(trial.trial_id)
+
+        def _free(self, trial_id: str) -> None:
+            from ray._raylet import PlacementGroupID
+            from ray.util.placement_group import PlacementGroup, remove_placement_group
+            from ray.util.queue import Empty
+
+            while True:
+                try:
+                    trial, group = groups.get_nowait()
+                except Empty:
+                    break
+                self.by_trial[trial] = group
+            group = self.by_trial.pop(trial_id, None)
+            if group is not None:
+                with contextlib.suppress(Exception):  # already removed by a clean shutdown
+                    remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(group)))
+
+    return FreeStoppedTrials()
+
+
+# --- the stage ------------------------------------------------------------------------------
+
+
+def concurrent_trials(resources, cluster: dict[str, float], use_gpu: bool) -> int:
+    """How many trials fit on the cluster at once (at least 1).
+
+    A trial holds ``workers * cpus_per_worker`` CPUs (and ``workers`` GPUs); the trial's own
+    process and Train's controller hold none, so whole gangs never wait on each other.
+    """
+    fits = math.floor(cluster.get("CPU", 0) / (resources.workers * resources.cpus_per_worker))
+    if use_gpu:
+        fits = min(fits, math.floor(cluster.get("GPU", 0) / resources.workers))
+    return max(1, fits)
+
+
+class TuneSearch(Component):
+    """Searches the hyperparameters of a trainable component with Ray Tune."""
+
+    name = "tune.search"
+    version = "1"
+    Config = SearchConfig
+
+    def run(self, ctx: StageContext, config: SearchConfig) -> dict[str, Any]:
+        import ray
+        from ray import tune
+        from ray.util.queue import Queue
+
+        adapter = adapters.get(config.trainable)
+        data = adapter.prepare(ctx)
+        cluster = ray.cluster_resources()
+        use_gpu = ctx.resources.use_gpu(cluster.get("GPU", 0))
+        concurrent = config.max_concurrent_trials or concurrent_trials(
+            ctx.resources, cluster, use_gpu
+        )
+        groups = Queue(actor_options={"num_cpus": 0})  # trial id -> its workers' group
+        run_name = f"search-{time.strftime('%Y%m%d-%H%M%S')}-{ctx.run_id[:8]}"
+        scratch = str(ctx.scratch_dir).rstrip("/")
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                run_trial,
+                component=config.trainable,
+                fixed=config.train,
+                loop=data.loop,
+                datasets=data.datasets,
+                resources=ctx.resources.model_dump(),
+                use_gpu=use_gpu,
+                storage=f"{scratch}/trials",
+                run_name=run_name,
+                groups=groups,
+            ),
+            # The trial only drives its TorchTrainer (whose controller holds no CPU either):
+            # it asks for memory alone, so a trial's CPUs are exactly its workers' CPUs.
+            {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY},
+        )
+        ctx.progress(note=f"{config.num_samples()} samples, {concurrent} trial(s) at once")
+        tuner = tune.Tuner(
+            trainable,
+            param_space={key: dim.to_tune() for key, dim in config.dimensions().items()},
+            tune_config=tune.TuneConfig(
+                metric=config.metric,
+                mode=config.mode,
+                num_samples=config.num_samples(),
+                scheduler=_scheduler(config),
+                search_alg=_searcher(config, concurrent),
+                time_budget_s=config.time_budget_s,
+            ),
+            run_config=tune.RunConfig(
+                name=run_name,
+                storage_path=f"{scratch}/tune",
+                verbose=0,
+                failure_config=tune.FailureConfig(max_failures=0),
+                callbacks=[_free_stopped_trials(groups)],
+            ),
+        )
+        started = time.time()
+        try:
+            grid = tuner.fit()
+        finally:
+            with contextlib.suppress(Exception):
+                groups.shutdown()
+        seconds = time.time() - started
+        rows = [_trial_row(result, config) for result in grid]
+        for i, row in enumerate(rows):
+            ctx.report(step=i, **{k: v for k, v in row.items() if not k.startswith("config/")})
+        _write_table(ctx.out_dir, rows)
+        ok = [
+            r for r in rows if r["status"] != "error" and r.get(f"best/{config.metric}") is not None
+        ]
+        if not ok:
+            errors = "; ".join(f"{r['trial']}: {r['error'] or r['status']}" for r in rows)
+            errors = errors or "no trial ran"
+            raise RuntimeError(f"every trial of the search failed: {errors}")
+        pick = max if config.mode == "max" else min
+        best = pick(ok, key=lambda r: r[f"best/{config.metric}"])
+        best_result = next(r for r in grid if _trial_name(r) == best["trial"])
+        test = self._export_best(ctx, config, adapter, data, best, best_result)
+        return {
+            "trials": len(rows),
+            "trials_failed": sum(r["status"] == "error" for r in rows),
+            "trials_stopped_early": sum(r["status"] == "stopped" for r in rows),
+            "epochs_run": sum(r["epochs_run"] for r in rows),
+            "max_concurrent_trials": concurrent,
+            "search_seconds": seconds,
+            "best/trial": best["trial"],
+            f"best/{config.metric}": best[f"best/{config.metric}"],
+            "best/params": best_result.config,
+            **test,
+            "errors": {r["trial"]: r["error"] for r in rows if r["status"] == "error"},
+        }
+
+    def _export_best(self, ctx, config, adapter, data, best, result) -> dict[str, Any]:
+        from components import training
+
+        checkpoint = result.metrics.get("checkpoint_path")
+        if not checkpoint:
+            raise RuntimeError(f"the best trial {best['trial']} left no checkpoint")
+        state = training.load_state(Path(checkpoint))
+        (ctx.out_dir / CHECKPOINT_DIR).mkdir()
+        shutil.copy2(Path(checkpoint) / training.STATE_FILE, ctx.out_dir / CHECKPOINT_DIR)
+        trainable_config = registry.get(config.trainable).Config.model_validate(
+            {**config.train, **result.config}
+        )
+        test = adapter.export(ctx.out_dir, state, data, trainable_config)
+        (ctx.out_dir / BEST_FILE).write_text(
+            json.dumps(
+                {
+                    "trial": best["trial"],
+                    "metric": config.metric,
+                    "mode": config.mode,
+                    "value": best[f"best/{config.metric}"],
+                    "params": result.config,
+                    "config": trainable_config.model_dump(mode="json"),
+                    "trainable": config.trainable,
+                },
+                indent=1,
+                sort_keys=True,
+                default=str,
+            )
+        )
+        return test
+
+
+def _scheduler(config: SearchConfig):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if config.scheduler == "fifo":
+        return FIFOScheduler()
+    # Time is counted in epochs; max_t is one past the last epoch so that ASHA never cuts a
+    # finishing trial before its final (test) report and best-model checkpoint.
+    return ASHAScheduler(
+        time_attr="epochs_done",
+        max_t=config.max_epochs() + 1,
+        grace_period=config.grace_period,
+        reduction_factor=config.reduction_factor,
+    )
+
+
+def _searcher(config: SearchConfig, concurrent: int):
+    """The search algorithm, capped at ``concurrent`` trials at once.
+
+    Tune applies ``TuneConfig.max_concurrent_trials`` to a ``Searcher`` (Optuna) but ignores it
+    for the ``BasicVariantGenerator`` (random, grid), which takes its own ``max_concurrent``.
+    """
+    if config.search == "optuna":
+        import optuna
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=config.seed))
+        return ConcurrencyLimiter(searcher, max_concurrent=concurrent)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=config.seed, max_concurrent=concurrent)
+
+
+def _trial_name(result) -> str:
+    return Path(result.path).name if result.path else str(result.metrics.get("trial_id"))
+
+
+def _trial_row(result, config: SearchConfig) -> dict[str, Any]:
+    """One row of the results table: the trial's config, final metrics, status and error."""
+    from components.training import _root_message
+
+    metrics = result.metrics or {}
+    params = result.config or {}
+    epochs = int(metrics.get("epochs_done", 0))
+    if result.error is not None:
+        status = "error"
+    elif not metrics:
+        status = "not started"  # the time budget ran out first
+    elif "test/accuracy" in metrics or epochs >= _planned_epochs(config, params):
+        status = "completed"
+    else:
+        status = "stopped"  # by ASHA or the time budget
+    row: dict[str, Any] = {"trial": _trial_name(result), "status": status, "epochs_run": epochs}
+    for name in adapters.get(config.trainable).epoch_metrics:
+        row[name] = _number(metrics.get(name))
+    history = result.metrics_dataframe
+    values = (
+        history[config.metric].dropna() if history is not None and config.metric in history else []
+    )
+    best = (max if config.mode == "max" else min)(values) if len(values) else None
+    row[f"best/{config.metric}"] = _number(best)
+    row["trial_seconds"] = _number(metrics.get("time_total_s"))
+    for key, value in params.items():
+        scalar = value is None or isinstance(value, int | float | str | bool)
+        row[f"config/{key}"] = value if scalar else json.dumps(value, sort_keys=True)
+    row["error"] = _root_message(result.error) if result.error is not None else None
+    return row
+
+
+def _planned_epochs(config: SearchConfig, params: dict[str, Any]) -> int:
+    return registry.get(config.trainable).Config.model_validate({**config.train, **params}).epochs
+
+
+def _number(value: Any) -> float | None:
+    import numbers
+
+    return float(value) if isinstance(value, numbers.Real) else None
+
+
+def _write_table(out_dir: Path, rows: list[dict[str, Any]]) -> None:
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    table.to_parquet(out_dir / RESULTS_FILE, index=False)
+    table.to_csv(out_dir / "results.csv", index=False)

@@ -415,5 +415,15 @@ class TD3(DDPG):
         return TD3Config()
 
 
-register_trainable("DDPG", DDPG)
-register_trainable("TD3", TD3)
+def register_with_tune() -> None:
+    """Registers ``DDPG`` and ``TD3`` with Tune by name (idempotent).
+
+    Tune keeps registrations in the connected cluster's key-value store: after
+    ``ray.shutdown()`` and a new ``ray.init()`` in the same process they are gone, so code that
+    starts a new cluster calls this again.
+    """
+    register_trainable("DDPG", DDPG)
+    register_trainable("TD3", TD3)
+
+
+register_with_tune()

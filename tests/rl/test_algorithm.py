@@ -42,6 +42,12 @@ def env_steps(algo) -> int:
 def test_registered_with_tune_by_name():
     from ray.tune.registry import get_trainable_cls
 
+    from components.rl.ddpg import register_with_tune
+
+    # Registered at import; Tune's registry belongs to the cluster in use, and other tests may
+    # have started a new one since (see register_with_tune).
+    register_with_tune()
+
     assert get_trainable_cls("DDPG") is DDPG
     assert get_trainable_cls("TD3") is TD3
     td3 = TD3Config()

@@ -67,3 +67,53 @@ def _shutdown_ray_at_end():
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def train_workers() -> list:
+    """Ray Train worker processes started by this test process's own Ray (its descendants)."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.fixture
+def kill_train_worker_mid_run():
+    """Runs a pipeline in a thread and SIGKILLs one of its Ray Train workers, from outside and
+    by pid, once ``stage`` has reported two epochs (lines holding ``marker`` in its progress
+    file): by then Train's controller has surely registered the first checkpoint (it takes in
+    reports when it polls the workers). Returns (the run's record, the killed pid)."""
+    import signal
+    import threading
+    import time
+
+    def run(run_pipeline, storage, stage: str, marker: str):
+        result: dict = {}
+        runner = threading.Thread(target=lambda: result.update(record=run_pipeline()), daemon=True)
+        pattern = f"*/progress/{stage}.jsonl"
+        before = set((storage / "runs").glob(pattern))
+        runner.start()
+        killed = None
+        deadline = time.time() + 300
+        while time.time() < deadline and runner.is_alive():
+            progress = set((storage / "runs").glob(pattern)) - before
+            reported = sum(p.read_text().count(marker) for p in progress)
+            workers = train_workers()
+            if reported >= 2 and workers:
+                killed = workers[0].pid
+                os.kill(killed, signal.SIGKILL)
+                break
+            time.sleep(0.1)
+        assert killed is not None, "never saw two reported epochs with a live worker"
+        runner.join(timeout=400)
+        assert not runner.is_alive(), "the run did not finish after the worker was killed"
+        assert killed not in [p.pid for p in train_workers()]
+        return result["record"], killed
+
+    return run

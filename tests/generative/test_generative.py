@@ -4,14 +4,9 @@ distance, conditional generation, multi-node DDP of both GAN networks, worker fa
 from __future__ import annotations
 
 import json
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 
 from pipelines import engine, spec
@@ -157,20 +152,10 @@ def test_gan_on_two_nodes_ends_with_identical_generator_and_discriminator(ray_cl
     assert m["workers"] == 2 and np.isfinite(m["eval/fd_classifier"])
 
 
-def _train_workers() -> list[psutil.Process]:
-    """Ray Train workers started by this test process's own Ray (its descendants)."""
-    found = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
-
-
 @pytest.mark.slow
-def test_gan_worker_killed_mid_training_resumes_from_checkpoint(ray_local, storage):
+def test_gan_worker_killed_mid_training_resumes_from_checkpoint(
+    ray_local, storage, kill_train_worker_mid_run
+):
     epochs = 12
     pipeline = generative_pipeline(
         storage,
@@ -182,31 +167,12 @@ def test_gan_worker_killed_mid_training_resumes_from_checkpoint(ray_local, stora
             )
         },
     )
-    result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(record=run(pipeline)), daemon=True)
-    killed = None
-    before = set((storage / "runs").glob("*/progress/ganf.jsonl"))
-    runner.start()
-    deadline = time.time() + 300
-    while time.time() < deadline and runner.is_alive():
-        progress = set((storage / "runs").glob("*/progress/ganf.jsonl")) - before
-        reported = sum(p.read_text().count("train/d_loss") for p in progress)
-        workers = _train_workers()
-        # Two epochs reported: the first checkpoint is surely registered by Train's controller.
-        if reported >= 2 and workers:
-            killed = workers[0].pid
-            os.kill(killed, signal.SIGKILL)  # from outside, by pid, mid-training
-            break
-        time.sleep(0.1)
-    assert killed is not None, "never saw a checkpoint with a live worker"
-    runner.join(timeout=400)
-    assert not runner.is_alive(), "the run did not finish after the worker was killed"
-    m = result["record"].stages["ganf"]["metrics"]
+    record, _ = kill_train_worker_mid_run(lambda: run(pipeline), storage, "ganf", "train/d_loss")
+    m = record.stages["ganf"]["metrics"]
     assert m["resumed_from_epoch"] is not None and m["resumed_from_epoch"] >= 1, m
     assert m["epochs_run"] == epochs  # each epoch once: the counter did not restart at zero
-    steps = [p["step"] for p in history(result["record"], "ganf")]
+    steps = [p["step"] for p in history(record, "ganf")]
     assert steps == list(range(epochs))
-    assert killed not in [p.pid for p in _train_workers()]
 
 
 @pytest.mark.gpu

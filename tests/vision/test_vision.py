@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 
 from pipelines import engine, spec
@@ -104,52 +99,23 @@ def test_two_workers_on_two_nodes_end_with_identical_parameters(ray_cluster, tmp
     assert record.stages["classifier"]["metrics"]["test/accuracy"] > 0.5
 
 
-def _train_workers() -> list[psutil.Process]:
-    """Ray Train workers started by this test process's own Ray (its descendants)."""
-    found = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
-
-
 @pytest.mark.slow
-def test_worker_killed_mid_training_resumes_from_checkpoint(ray_local, storage):
+def test_worker_killed_mid_training_resumes_from_checkpoint(
+    ray_local, storage, kill_train_worker_mid_run
+):
     pipeline = vision_pipeline(
         storage, "{epochs: 8, batch_size: 32, width: 8, max_failures: 2, shuffle_buffer: 0}"
     )
-    result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(record=run(pipeline)), daemon=True)
-    killed = None
-    before = set((storage / "runs").glob("*/progress/classifier.jsonl"))
-    runner.start()
-    deadline = time.time() + 300
-    while time.time() < deadline and runner.is_alive():
-        # An epoch's progress line is written once rank 0's report (and checkpoint) went through.
-        progress = set((storage / "runs").glob("*/progress/classifier.jsonl")) - before
-        epochs = sum(p.read_text().count("train/loss") for p in progress)
-        workers = _train_workers()
-        # Two epochs reported: the first checkpoint is surely registered by Train's controller
-        # (it takes in reports when it polls the workers).
-        if epochs >= 2 and workers:
-            killed = workers[0].pid
-            os.kill(killed, signal.SIGKILL)  # from outside, by pid, mid-training
-            break
-        time.sleep(0.2)
-    assert killed is not None, "never saw a checkpoint with a live worker"
-    runner.join(timeout=400)
-    assert not runner.is_alive(), "the run did not finish after the worker was killed"
-    metrics = result["record"].stages["classifier"]["metrics"]
+    record, _ = kill_train_worker_mid_run(
+        lambda: run(pipeline), storage, "classifier", "train/loss"
+    )
+    metrics = record.stages["classifier"]["metrics"]
     assert metrics["resumed_from_epoch"] is not None, metrics
     assert metrics["resumed_from_epoch"] >= 1
     assert metrics["epochs_run"] == 8  # each epoch once: the counter did not restart at zero
-    art = Path(result["record"].stages["classifier"]["artifact"])
+    art = Path(record.stages["classifier"]["artifact"])
     steps = [json.loads(line)["step"] for line in (art / "history.jsonl").read_text().splitlines()]
     assert steps == list(range(8))
-    assert killed not in [p.pid for p in _train_workers()]
 
 
 @pytest.mark.gpu

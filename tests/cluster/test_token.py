@@ -41,6 +41,7 @@ def _no_token_env(c, **extra):
     return base_env(HOME=str(c["tmp"]), **extra)
 
 
+@pytest.mark.reliability
 def test_without_the_token_submission_fails_clearly(token_cluster):
     c = token_cluster
     url = c["info"].dashboard_url
@@ -55,6 +56,7 @@ def test_without_the_token_submission_fails_clearly(token_cluster):
     assert wrong.returncode == 2 and "rejected the authentication token" in wrong.stderr
 
 
+@pytest.mark.reliability
 def test_with_the_token_it_works_and_the_token_is_never_shown(token_cluster):
     c = token_cluster
     url = c["info"].dashboard_url

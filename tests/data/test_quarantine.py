@@ -19,6 +19,8 @@ from components.data.config import PrepareConfig
 from components.data.prepare import RejectedRowsError
 from components.data.sources import SourceError
 
+pytestmark = pytest.mark.reliability
+
 
 def _reasons(out):
     return sorted((r["source"], r["index"], r["reason"]) for r in quarantine_rows(out))

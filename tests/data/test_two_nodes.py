@@ -7,6 +7,7 @@ import pytest
 from data_writers import run_stage, shard_digests
 
 
+@pytest.mark.reliability
 @pytest.mark.slow
 def test_two_nodes_same_shards_as_one(ray_cluster, tmp_path):
     config = {

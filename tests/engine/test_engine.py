@@ -78,6 +78,7 @@ def test_force_recomputes_stage_and_descendants(ray_local, tmp_path):
         engine.Runner(pipeline(tmp_path, DIAMOND), force=["zz"])
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("damage", ["delete", "corrupt", "truncate", "manifest"])
 def test_broken_cached_artifact_is_detected_and_recomputed(ray_local, tmp_path, damage):
     first, _ = run(pipeline(tmp_path, DIAMOND))
@@ -102,6 +103,7 @@ def test_broken_cached_artifact_is_detected_and_recomputed(ray_local, tmp_path, 
     Store(str(tmp_path / "store")).verify("test.sleep", again.stages["c"]["cache_key"])
 
 
+@pytest.mark.reliability
 def test_failing_stage_fails_run_publishes_nothing_and_skips_dependents(ray_local, tmp_path):
     stages = """\
   ok: {uses: test.sleep, with: {value: 1}}
@@ -160,6 +162,7 @@ def test_cli_run_exit_codes_and_show(tmp_path):
     assert missing.returncode == 2 and "no run 'no-such-run'" in missing.stderr
 
 
+@pytest.mark.reliability
 def test_driver_killed_mid_stage_then_resume(tmp_path):
     """SIGKILL the driver during a long stage; `raypipe resume` finishes without redoing."""
     store = tmp_path / "store"

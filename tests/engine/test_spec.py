@@ -128,6 +128,7 @@ BAD_FILES = {
 }
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("case", sorted(BAD_FILES))
 def test_bad_pipeline_file_names_the_key(tmp_path, case):
     text, key, words = BAD_FILES[case]
@@ -141,6 +142,7 @@ def test_bad_pipeline_file_names_the_key(tmp_path, case):
     assert words in message, message
 
 
+@pytest.mark.reliability
 def test_missing_file_and_directory_and_binary(tmp_path):
     with pytest.raises(spec.PipelineError, match="no such file"):
         spec.load(tmp_path / "absent.yaml")
@@ -152,6 +154,7 @@ def test_missing_file_and_directory_and_binary(tmp_path):
         spec.load(binary)
 
 
+@pytest.mark.reliability
 def test_yaml_alias_bomb_is_refused(tmp_path):
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
     lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 20)]
@@ -160,6 +163,7 @@ def test_yaml_alias_bomb_is_refused(tmp_path):
         spec.load(bomb)
 
 
+@pytest.mark.reliability
 def test_huge_file_is_refused(tmp_path):
     big = write(tmp_path, "name: big\n# " + "x" * (3 << 20) + "\nstages: {}\n")
     with pytest.raises(spec.PipelineError, match="limited to 1 MiB"):

@@ -152,6 +152,7 @@ def test_gan_on_two_nodes_ends_with_identical_generator_and_discriminator(ray_cl
     assert m["workers"] == 2 and np.isfinite(m["eval/fd_classifier"])
 
 
+@pytest.mark.reliability
 @pytest.mark.slow
 def test_gan_worker_killed_mid_training_resumes_from_checkpoint(
     ray_local, storage, kill_train_worker_mid_run

@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from ray.rllib.core.columns import Columns
 from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
@@ -145,6 +146,7 @@ def test_checkpoint_restores_in_a_fresh_process_with_the_same_actions(ray_local,
     np.testing.assert_array_equal(restored, actions[Columns.ACTIONS].numpy())
 
 
+@pytest.mark.reliability
 def test_training_goes_on_after_an_env_runner_is_killed(ray_local):
     config = tiny(DDPGConfig(), runners=1).fault_tolerance(
         restart_failed_env_runners=True,

@@ -83,6 +83,7 @@ def test_stage_learns_pendulum_and_exports_a_runnable_policy(ray_local, tmp_path
     assert (tmp_path / "rollout.png").stat().st_size > 1000  # no renderer here: a plot
 
 
+@pytest.mark.reliability
 def test_stage_resumes_from_its_last_checkpoint_after_a_failure(ray_local, tmp_path):
     config = DDPGSettings(
         timesteps=900,

@@ -68,6 +68,7 @@ def test_learns_digits_and_the_export_reproduces_test_accuracy(ray_local, storag
     assert bundle["config"]["epochs"] == 8
 
 
+@pytest.mark.reliability
 def test_rejects_a_tabular_dataset(ray_local, tmp_path):
     csv = tmp_path / "rows.csv"
     csv.write_text("a,b,label\n" + "".join(f"{i},{i * 2},{i % 2}\n" for i in range(40)))
@@ -99,6 +100,7 @@ def test_two_workers_on_two_nodes_end_with_identical_parameters(ray_cluster, tmp
     assert record.stages["classifier"]["metrics"]["test/accuracy"] > 0.5
 
 
+@pytest.mark.reliability
 @pytest.mark.slow
 def test_worker_killed_mid_training_resumes_from_checkpoint(
     ray_local, storage, kill_train_worker_mid_run

@@ -34,6 +34,11 @@ from components.api import Resources, StrictModel
 
 MAX_FILE_BYTES = 1 << 20
 MAX_ALIASES = 100
+# Values a file may hold once its aliases are expanded: few aliases can still nest into billions
+# (each of 40 levels naming the one below twice is 2**40), and every config is expanded when it
+# is validated, hashed into a cache key and saved with the run.
+MAX_NODES = 100_000
+MAX_DEPTH = 200
 STAGE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
 TOP_LEVEL_KEYS = ("name", "storage", "tracking", "schedule")
 STAGE_KEYS = ("uses", "needs", "with", "resources")
@@ -127,11 +132,23 @@ class Pipeline:
 
 
 class _SafeLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that rejects duplicate keys and alias bombs."""
+    """``yaml.SafeLoader`` that rejects duplicate keys, alias bombs and absurd nesting."""
 
     def __init__(self, stream: str):
         super().__init__(stream)
         self.alias_count = 0
+        self.depth = 0
+
+    def get_single_node(self):  # type: ignore[override]
+        node = super().get_single_node()
+        if node is not None:
+            size, _ = _expanded(node, {})
+            if size > MAX_NODES:
+                raise yaml.YAMLError(
+                    f"the document expands to {size:,} values once its aliases are followed "
+                    f"(at most {MAX_NODES:,}); a 'billion laughs' bomb looks like this"
+                )
+        return node
 
     def compose_node(self, parent, index):  # type: ignore[override]
         if self.check_event(yaml.AliasEvent):
@@ -142,7 +159,17 @@ class _SafeLoader(yaml.SafeLoader):
                     f"more than {MAX_ALIASES} YAML aliases (line {mark.line + 1}); "
                     "alias-heavy files are refused (a 'billion laughs' bomb looks like this)"
                 )
-        return super().compose_node(parent, index)
+        # The composer recurses once per level: refuse deep nesting before Python's stack does.
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(
+                    f"values nested more than {MAX_DEPTH} levels deep (line {mark.line + 1})"
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
     def construct_mapping(self, node, deep=False):  # type: ignore[override]
         seen: dict[Any, int] = {}
@@ -157,6 +184,40 @@ class _SafeLoader(yaml.SafeLoader):
                 )
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
+
+
+def _expanded(node: yaml.Node, seen: dict[int, tuple[int, int]], depth: int = 1) -> tuple[int, int]:
+    """(values, levels) of ``node`` with every alias expanded; each shared node is sized once.
+
+    Raises:
+        yaml.YAMLError: the expansion nests more than ``MAX_DEPTH`` levels.
+    """
+    key = id(node)
+    if key in seen:
+        size, height = seen[key]
+    else:
+        if depth > MAX_DEPTH:
+            raise yaml.YAMLError(
+                f"values nest more than {MAX_DEPTH} levels deep once aliases are followed "
+                f"(line {node.start_mark.line + 1})"
+            )
+        seen[key] = (1, 1)  # a node that contains itself (a recursive alias) counts once
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        else:
+            children = []
+        parts = [_expanded(child, seen, depth + 1) for child in children]
+        size = 1 + sum(p[0] for p in parts)
+        height = 1 + max((p[1] for p in parts), default=0)
+        seen[key] = (size, height)
+    if depth - 1 + height > MAX_DEPTH:
+        raise yaml.YAMLError(
+            f"values nest more than {MAX_DEPTH} levels deep once aliases are followed "
+            f"(line {node.start_mark.line + 1})"
+        )
+    return size, height
 
 
 def parse_yaml(text: str, source: str) -> Any:

@@ -1,0 +1,85 @@
+"""Helpers of the reliability suite: the `raypipe` CLI as a process of its own (so it can be
+SIGKILLed), waiting on a run record, and checksums of whole artifacts."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """This environment with Ray's auth mode said explicitly (token auth is on by default)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")}
+    env.update(RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0")
+    env.update(extra)
+    return env
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300):
+    """Runs `python -m pipelines.cli ARGS` to the end; returns the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args],
+        cwd=ROOT,
+        env=env or cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,  # the embedded Ray it starts is its own process group
+    )
+
+
+def start_cli(*args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Starts `python -m pipelines.cli ARGS` in a session of its own, output to ``log``."""
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipelines.cli", *args],
+            cwd=ROOT,
+            env=env or cli_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILLs a driver started by :func:`start_cli` and the embedded Ray in its group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def wait_for(check: Callable[[], object], timeout: float, what: str, poll: float = 0.05):
+    """Polls ``check`` until it returns something truthy; fails after ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def read_record(store: Path, run_id: str | None = None) -> dict | None:
+    """The run record of ``run_id`` (or of the only run) in ``store``; None before it exists."""
+    found = sorted((store / "runs").glob(f"{run_id or '*'}/run.json"))
+    if not found:
+        return None
+    try:
+        return json.loads(found[-1].read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # being replaced right now
+
+
+def artifact_checksums(artifact: str | Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """{file: sha256} of a published artifact, from its manifest (verified separately)."""
+    manifest = json.loads((Path(artifact) / "manifest.json").read_text())
+    return {rel: m["sha256"] for rel, m in manifest["files"].items() if rel not in skip}

@@ -792,6 +792,9 @@ def describe_failure(error: BaseException) -> tuple[str, str]:
 
     if isinstance(error, rex.RayTaskError):
         cause = error.cause if error.cause is not None else error
+        # A task's error raised again in the task that waited on it: name the first cause.
+        while isinstance(cause, rex.RayTaskError) and cause.cause not in (None, cause):
+            cause = cause.cause
         message = f"{type(cause).__name__}: {cause}".splitlines()[0]
         return message, _ANSI.sub("", str(error))
     if isinstance(error, rex.WorkerCrashedError | rex.NodeDiedError | rex.ActorDiedError):

@@ -49,14 +49,16 @@ class Prepare(Component):
     resources_affect_output = False
 
     def source_paths(self, config: PrepareConfig) -> list[str]:
-        source = config.source
-        paths = [getattr(source, name, None) for name in ("images", "labels", "paths", "root")]
-        return [
-            p for group in paths if group for p in ([group] if isinstance(group, str) else group)
-        ]
+        return source_paths(config.source)
 
     def run(self, ctx: StageContext, config: PrepareConfig) -> dict[str, Any]:
         return prepare(config, ctx.out_dir, report=ctx.report)
+
+
+def source_paths(source: Any) -> list[str]:
+    """The files and folders a source reads (none for the bundled digits)."""
+    paths = [getattr(source, name, None) for name in ("images", "labels", "paths", "root")]
+    return [p for group in paths if group for p in ([group] if isinstance(group, str) else group)]
 
 
 def prepare(
@@ -126,6 +128,9 @@ def prepare(
         inverse = np.arange(keep.sum())  # every kept row is its own group now
         first = inverse
     rows_in = sum(m.rows_in for m in metas)
+    if rows_in == 0:
+        where = ", ".join(source_paths(config.source)) or config.source.kind
+        raise sources.SourceError(f"{where}: no rows to read (the source is empty)")
     by_reason = dict(sorted(Counter(r.reason for r in rejects).items()))
     _check_rejected(rows_in, rejects, by_reason, len(duplicates), config)
     if len(rows["label"]) == 0:
@@ -317,6 +322,7 @@ def _run_tasks(
     """
     import ray
 
+    from components.data.shards import ShardWriteError
     from components.data.sources import SourceError
 
     results: list[Any] = [None] * len(items)
@@ -333,14 +339,27 @@ def _run_tasks(
         try:
             value = ray.get(done)
         except ray.exceptions.RayTaskError as e:
-            # a SourceError names the bad file: raise it as itself, not wrapped in Ray's error
+            _stop(list(running))
+            # these name the bad file: raise them as themselves, not wrapped in Ray's error
             cause = getattr(e, "cause", None)
-            if isinstance(cause, SourceError):
+            if isinstance(cause, SourceError | ShardWriteError):
                 raise cause from None
             raise
         results[index] = (value, *refs[1:]) if first_only else value
         if on_done is not None:
             on_done(value)
+
+
+def _stop(refs: list[Any], timeout: float = 60.0) -> None:
+    """Cancels tasks still running after one failed, and waits until they have ended: a write
+    task left running would go on writing shards into the output directory after the engine
+    removed it (and fill the disk further when the disk was what failed)."""
+    import ray
+
+    for ref in refs:
+        ray.cancel(ref)
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=timeout)
 
 
 def _kept_rows(metas: list) -> dict[str, Any]:

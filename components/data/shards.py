@@ -72,20 +72,33 @@ def tensor_array(images: np.ndarray) -> pa.ExtensionArray:
     return pa.ExtensionArray.from_storage(tensor_type, storage)
 
 
+class ShardWriteError(OSError):
+    """A shard could not be written (disk full, quota, permissions); names the file."""
+
+
 def write_table(table: pa.Table, path: Path) -> dict[str, Any]:
     """Writes one shard (one row group) with pinned options; returns its rows, bytes, sha256.
 
     The file is encoded in memory, hashed, then written under a temporary name and renamed,
     so a listed sha256 always describes a whole file.
+
+    Raises:
+        ShardWriteError: the file could not be written; no part of it is left behind.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, row_group_size=max(1, table.num_rows), **WRITE_OPTIONS)
     data = sink.getvalue()
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ShardWriteError(
+            e.errno, f"cannot write shard {path} ({data.size} bytes): {e.strerror or e}"
+        ) from None
     sha = hashlib.sha256(data).hexdigest()
     return {"rows": table.num_rows, "bytes": data.size, "sha256": sha}
 

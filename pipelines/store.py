@@ -31,6 +31,10 @@ import pyarrow.fs as pafs
 
 MANIFEST = "manifest.json"
 CHUNK = 1 << 20
+#: Files that record when and how fast a stage ran, not what it made (its progress points carry
+#: their time). They are checksummed and verified like every file but left out of the content
+#: digest, so a stage recomputed to the same bytes keeps its digest and its dependents' keys.
+VOLATILE_FILES = frozenset({"history.jsonl"})
 
 
 def sha256_file(path: Path) -> str:
@@ -64,9 +68,19 @@ def list_files(root: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
-def files_digest(files: dict[str, dict[str, Any]]) -> str:
-    """The content digest of an artifact: sha256 over its sorted (path, sha256) pairs."""
-    return digest_of(sorted((rel, meta["sha256"]) for rel, meta in files.items()))
+def files_digest(files: dict[str, dict[str, Any]], volatile: bool = False) -> str:
+    """The content digest of an artifact: sha256 over its sorted (path, sha256) pairs.
+
+    Args:
+        volatile: include the ``VOLATILE_FILES`` too (a digest of every byte, not of content).
+    """
+    return digest_of(
+        sorted(
+            (rel, meta["sha256"])
+            for rel, meta in files.items()
+            if volatile or rel not in VOLATILE_FILES
+        )
+    )
 
 
 def atomic_write_text(path: Path, text: str, durable: bool = True) -> None:
@@ -94,9 +108,17 @@ class ArtifactInvalid(Exception):
     """A stored artifact failed verification; the message says which file and why."""
 
 
+def _stays_inside(rel: str) -> bool:
+    """Whether a manifest's file name stays inside its artifact (no absolute path, no ``..``)."""
+    parts = PurePosixPath(rel)
+    return bool(rel) and not parts.is_absolute() and ".." not in parts.parts
+
+
 def _check_files(local: Path, manifest: dict[str, Any]) -> None:
     """Checks every file the manifest lists: present, right size, right sha256."""
     for rel, meta in manifest.get("files", {}).items():
+        if not _stays_inside(rel):
+            raise ArtifactInvalid(f"file {rel} leaves the artifact's directory")
         path = local / rel
         if not path.is_file():
             raise ArtifactInvalid(f"file {rel} is missing")
@@ -260,10 +282,13 @@ class Store:
         """
         if self.is_local:
             return Path(self.root) / self.artifact_rel(component, key)
-        local = self.local_cache_dir() / component / key / manifest["digest"][:16]
+        every_byte = files_digest(manifest.get("files", {}), volatile=True)
+        local = self.local_cache_dir() / component / key / every_byte[:16]
         fs, base = self._fs()
         src = f"{base}/{self.artifact_rel(component, key)}"
         for rel, meta in manifest.get("files", {}).items():
+            if not _stays_inside(rel):
+                continue  # never written outside the cache; verify() rejects the manifest
             path = local / rel
             if path.is_file() and path.stat().st_size == meta["bytes"]:
                 continue

@@ -127,6 +127,7 @@ def test_cifar10_binary(ray_local, tmp_path):
     assert (x[:, 0] == np.float32(200 / 255)).all() and (y == labels).all()
 
 
+@pytest.mark.reliability
 def test_image_folder_png_jpeg_gray_rgb(ray_local, tmp_path):
     root = tmp_path / "folder"
     red = np.zeros((3, 20, 24), np.uint8)

@@ -57,8 +57,9 @@ def image_folder(root: Path, files: dict[str, bytes]) -> str:
 def make_inputs(d: Path) -> dict[str, tuple[dict, str, str]]:
     """{stage: (data.prepare source, expected outcome, words the error or quarantine holds)}.
 
-    ``outcome`` is ``failed`` (the words are in the stage's one-line error) or ``quarantined``
-    (the stage succeeds; the words are a quarantine reason and the file's path is listed).
+    ``outcome`` is ``failed`` (the words are in the stage's one-line error), ``quarantined``
+    (the stage succeeds; the words are a quarantine reason and the file's path is listed) or
+    ``kept`` (the stage succeeds with every row; the words are ``key=value`` of dataset.json).
     """
     (d / "empty.csv").write_text("x,y,label\n")
     (d / "zero.csv").write_bytes(b"")
@@ -67,6 +68,16 @@ def make_inputs(d: Path) -> dict[str, tuple[dict, str, str]]:
     (d / "png-really.csv").write_bytes(png_bytes(8, 8, 0))
     (d / "csv-really.idx").write_text("x,label\n1,0\n")
     (d / "ragged.csv").write_text("x,label\n1,0\n2,1,7,7\n3,0\n")
+    (d / "one-class.csv").write_text("x,label\n" + "".join(f"{i},0\n" for i in range(12)))
+    for name, (h, w) in {"a": (8, 8), "b": (12, 12)}.items():
+        header = bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in (2, h, w))
+        (d / f"{name}-images.idx").write_bytes(header + bytes(2 * h * w))
+    mixed = {
+        f"c{k}/m{i}.png": png_bytes(5 + 3 * i, 9 + k, 20 + 10 * k + i)
+        for k in range(2)
+        for i in range(4)
+    }
+    mixed["c1/really-a-jpeg.png"] = jpeg_bytes(16, 16, 99)
     good = {f"c{k}/g{i}.png": png_bytes(8, 8, 10 * k + i) for k in range(2) for i in range(4)}
     cases = {
         "empty_csv": (
@@ -115,6 +126,30 @@ def make_inputs(d: Path) -> dict[str, tuple[dict, str, str]]:
             {"kind": "csv", "paths": [str(d / "ragged.csv")]},
             "failed",
             f"{d / 'ragged.csv'}",
+        ),
+        "idx_mixed_shapes": (
+            {
+                "kind": "mnist_idx",
+                "images": [str(d / "a-images.idx"), str(d / "b-images.idx")],
+                "labels": [str(d / "labels.idx"), str(d / "labels.idx")],
+            },
+            "failed",
+            f"{d / 'b-images.idx'}: image shape",
+        ),
+        "images_of_mixed_sizes": (
+            {
+                "kind": "image_folder",
+                "root": image_folder(d / "mixed", mixed),
+                "size": [8, 8],
+                "channels": 1,
+            },
+            "kept",
+            "image_shape=[1, 8, 8]",
+        ),
+        "single_class": (
+            {"kind": "csv", "paths": [str(d / "one-class.csv")]},
+            "kept",
+            "num_classes=1",
         ),
         "zero_byte_png": (
             {
@@ -168,6 +203,12 @@ def test_bad_data_inputs_fail_clearly_or_are_quarantined(ray_local, tmp_path):
             assert st["status"] == "failed", (name, st["status"])
             assert words in error, (name, error)
             assert "\n" not in error and error.split(":")[0] in OURS, (name, error)
+        elif expected == "kept":
+            assert st["status"] == "succeeded", (name, st.get("error"))
+            dataset = json.loads((Path(st["artifact"]) / "dataset.json").read_text())
+            key, value = words.split("=")
+            assert json.dumps(dataset[key]) == value, (name, dataset[key])
+            assert dataset["accounting"]["quarantined"] == 0, dataset["accounting"]
         else:
             assert st["status"] == "succeeded", (name, st.get("error"))
             dataset = json.loads((Path(st["artifact"]) / "dataset.json").read_text())

@@ -263,7 +263,7 @@ def fit(
     try:
         result = trainer.fit()
     except Exception as e:
-        raise RuntimeError(f"training failed: {_root_message(e)}") from e
+        raise RuntimeError(f"training failed: {root_message(e)}") from e
     finally:
         stop.set()
         forwarder.join(timeout=5)
@@ -351,7 +351,7 @@ def _forward(queue: Any, ctx: StageContext, stop: threading.Event) -> None:
         ctx.progress(**metrics)
 
 
-def _root_message(error: BaseException) -> str:
+def root_message(error: BaseException) -> str:
     """The innermost error message of a (nested) training failure."""
     seen = error
     while seen.__cause__ is not None and seen.__cause__ is not seen:

@@ -55,22 +55,43 @@ class WorkerData:
     (each step is a DDP all-reduce).
     """
 
-    def __init__(self, loop: dict[str, Any], dev, splits: tuple[str, ...] = ("train",)):
+    def __init__(self, splits: dict[str, tuple[Any, Any]], shift, divisor, dev):
+        self.splits, self.shift, self.divisor, self.dev = splits, shift, divisor, dev
+
+    @classmethod
+    def from_shards(
+        cls, loop: dict[str, Any], dev, splits: tuple[str, ...] = ("train",)
+    ) -> WorkerData:
+        """Reads this worker's Ray Train dataset shards (``loop`` holds the normalization)."""
         import ray.train
         import torch
 
-        shape = (1, -1, 1, 1)
-        self.shift = torch.tensor(loop["shift"], dtype=torch.float32, device=dev).view(shape)
-        self.divisor = torch.tensor(loop["divisor"], dtype=torch.float32, device=dev).view(shape)
-        self.dev = dev
-        self.splits: dict[str, tuple[Any, Any]] = {}
+        shift, divisor = _normalization(loop["shift"], loop["divisor"], dev)
+        held: dict[str, tuple[Any, Any]] = {}
         for split in splits:
             xs, ys = [], []
             shard = ray.train.get_dataset_shard(split)
             for batch in shard.iter_torch_batches(batch_size=4096, device=dev):
-                xs.append(batch["image"].float() * self.divisor + self.shift)
+                xs.append(batch["image"].float() * divisor + shift)
                 ys.append(batch["label"].long())
-            self.splits[split] = (torch.cat(xs).clamp(0, 1), torch.cat(ys))
+            held[split] = (torch.cat(xs).clamp(0, 1), torch.cat(ys))
+        return cls(held, shift, divisor, dev)
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, tuple[Any, Any]], info, dev) -> WorkerData:
+        """Holds normalized numpy splits (``load_numpy``) outside Ray Train, for scoring."""
+        import torch
+
+        norm = info.normalization
+        shift, divisor = _normalization(norm["shift"], norm["divisor"], dev)
+        held = {
+            split: (
+                (torch.tensor(x, device=dev).float() * divisor + shift).clamp(0, 1),
+                torch.tensor(y, device=dev).long(),
+            )
+            for split, (x, y) in arrays.items()
+        }
+        return cls(held, shift, divisor, dev)
 
     def batches(self, split: str, batch_size: int, seed: int | None = None) -> Iterator[tuple]:
         """(pixels, labels) batches of a split; shuffled by ``seed`` when given."""
@@ -84,6 +105,28 @@ class WorkerData:
         for i in range(0, len(x), batch_size):
             idx = order[i : i + batch_size]
             yield x[idx], y[idx]
+
+
+def build_sampler(kind: str, cfg: GenerativeSettings, image_shape, num_classes: int):
+    """The network that draws samples, as a config describes it: the VAE (``vae``) or the
+    generator (``gan``), conditional on ``num_classes`` labels if ``cfg.conditional``."""
+    from components.generative.models import VAE, Generator
+
+    c, h, w = image_shape
+    cls = VAE if kind == "vae" else Generator
+    classes = num_classes if cfg.conditional else 0
+    return cls(c, (h, w), cfg.latent_dim, cfg.width, cfg.depth, classes)
+
+
+def _normalization(shift: list[float], divisor: list[float], dev):
+    """Per-channel normalization constants as (1, C, 1, 1) tensors on ``dev``."""
+    import torch
+
+    shape = (1, -1, 1, 1)
+    return (
+        torch.tensor(shift, dtype=torch.float32, device=dev).view(shape),
+        torch.tensor(divisor, dtype=torch.float32, device=dev).view(shape),
+    )
 
 
 def grid_inputs(cfg: GenerativeSettings, num_classes: int, dev):
@@ -120,7 +163,8 @@ def run_stage(
         train_func: the per-worker loop; its final checkpoint state holds ``model`` and
             ``initial`` (the sampler's weights after and before training), ``hparams``,
             ``history``, ``grids``, ``final`` metrics, ``ranks``, ``world_size``,
-            ``resumed_from``.
+            ``resumed_from``. Its loop config carries the classifier (``hparams``, ``model``)
+            for per-epoch sample scores.
         splits: the splits the workers read (``train`` is sharded, the others whole).
 
     Returns:
@@ -158,6 +202,7 @@ def run_stage(
             "num_classes": info.num_classes,
             "shift": list(info.normalization["shift"]),
             "divisor": list(info.normalization["divisor"]),
+            "classifier": {"hparams": bundle["hparams"], "model": bundle["model"]},
         },
         ctx,
         config,

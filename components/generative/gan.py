@@ -55,13 +55,16 @@ class GANConfig(GenerativeSettings):
 def train_func(loop: dict[str, Any]) -> None:
     """Trains G and D on this worker's shard of ``train`` (see the module docstring for the
     step). ``loop`` holds ``config``, ``image_shape``, ``num_classes``, ``shift``/``divisor``
-    and ``progress``."""
+    and ``progress``; with a ``classifier`` (its ``hparams`` and ``model`` weights), rank 0
+    also reports ``val/fd_classifier`` every epoch: the Frechet distance of samples to the
+    validation images (what a search over GANs ranks by)."""
     import ray.train
     import torch
 
     from components import training
-    from components.generative.common import WorkerData, grid_inputs
-    from components.generative.models import Discriminator, Generator
+    from components.generative.common import WorkerData, build_sampler, grid_inputs
+    from components.generative.metrics import SampleDistance
+    from components.generative.models import Discriminator
     from components.generative.sampling import to_uint8
 
     cfg = GANConfig.model_validate(loop["config"])
@@ -69,13 +72,19 @@ def train_func(loop: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     c, h, w = loop["image_shape"]
     classes = loop["num_classes"] if cfg.conditional else 0
-    G = Generator(c, (h, w), cfg.latent_dim, cfg.width, cfg.depth, classes).to(dev)
+    G = build_sampler("gan", cfg, loop["image_shape"], loop["num_classes"]).to(dev)
     D = Discriminator(
         c, (h, w), cfg.d_width or cfg.width, cfg.depth, classes, cfg.spectral_norm
     ).to(dev)
     opt_g = torch.optim.Adam(G.parameters(), cfg.lr_g, betas=cfg.betas)
     opt_d = torch.optim.Adam(D.parameters(), cfg.lr_d, betas=cfg.betas)
-    data = WorkerData(loop, dev, ("train",))
+    probe = loop.get("classifier") is not None and training.world()[0] == 0
+    data = WorkerData.from_shards(loop, dev, ("train", "val") if probe else ("train",))
+    val_fd = None
+    if probe:
+        val_fd = SampleDistance(
+            loop["classifier"], data.splits["val"][0], data.shift, data.divisor, cfg.seed + 3
+        )
     grid_z, grid_labels = grid_inputs(cfg, loop["num_classes"], dev)
 
     state = training.restore()
@@ -139,6 +148,8 @@ def train_func(loop: dict[str, Any]) -> None:
             "train/d_fake_score": fake_sum / seen,
             "train/samples_per_s": seen / max(time.time() - started, 1e-9),
         }
+        if val_fd is not None:
+            metrics["val/fd_classifier"] = val_fd(generator)
         history.append(metrics)
         training.report(metrics, snapshot(epoch), loop.get("progress"))
 
@@ -213,4 +224,4 @@ class GANStage(Component):
     def run(self, ctx: StageContext, config: GANConfig) -> dict[str, Any]:
         from components.generative.common import run_stage
 
-        return run_stage(ctx, config, "gan", train_func, ("train",))
+        return run_stage(ctx, config, "gan", train_func, ("train", "val"))

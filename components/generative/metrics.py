@@ -100,7 +100,6 @@ def score_samples(
         ``eval/fd_classifier_noise``, and ``eval/cond_accuracy`` (mean over labels) with
         ``eval/cond_accuracy_per_label`` for conditional models.
     """
-    import torch
 
     from components.data.dataset import normalize
 
@@ -122,13 +121,124 @@ def score_samples(
         key = "eval/fd_classifier" + (f"_{name}" if name else "")
         metrics[key] = distance(normalize(sampler(n), info))
     if conditional_sampler is not None:
-        per_class = []
-        for label in range(info.num_classes):
-            labels = torch.full((per_label,), label, dtype=torch.long)
-            images = torch.as_tensor(normalize(conditional_sampler(labels), info))
-            with torch.no_grad():
-                predicted = classifier(images).argmax(1)
-            per_class.append(float((predicted == label).float().mean()))
+        per_class = conditional_accuracy(classifier, info, conditional_sampler, per_label)
         metrics["eval/cond_accuracy"] = float(np.mean(per_class))
         metrics["eval/cond_accuracy_per_label"] = per_class
     return metrics
+
+
+def conditional_accuracy(classifier, info, conditional_sampler, per_label: int) -> list[float]:
+    """The classifier's accuracy on ``per_label`` samples of each label, label by label.
+
+    Args:
+        classifier: a ``vision.train`` classifier (eval mode).
+        info: the ``DatasetInfo`` of the data (its classes and normalization).
+        conditional_sampler: ``fn(labels) -> pixels in [0, 1]`` of a conditional model.
+        per_label: samples per label.
+    """
+    import torch
+
+    from components.data.dataset import normalize
+
+    per_class = []
+    for label in range(info.num_classes):
+        labels = torch.full((per_label,), label, dtype=torch.long)
+        images = torch.as_tensor(normalize(conditional_sampler(labels), info))
+        with torch.no_grad():
+            predicted = classifier(images).argmax(1)
+        per_class.append(float((predicted == label).float().mean()))
+    return per_class
+
+
+def score_test_split(model, kind: str, config, info, data_dir, classifier=None) -> dict[str, float]:
+    """Scores of a trained VAE or generator on the test split of a data artifact: what
+    ``tune.search`` reports for its best trial and ``tune.evaluate`` gates on.
+
+    Args:
+        model: the VAE or generator (CPU).
+        kind: ``vae`` or ``gan``.
+        config: its ``VAEConfig`` / ``GANConfig``.
+        info: the ``DatasetInfo`` of the data artifact at ``data_dir``.
+        data_dir: the ``data.prepare`` artifact.
+        classifier: ``{"hparams", "model"}`` of a ``vision.train`` classifier, or None.
+
+    Returns:
+        ``test/elbo``, ``test/recon``, ``test/kl`` (VAE: per image, beta = 1);
+        ``test/fd_classifier`` (with a classifier: as many samples as test images) and
+        ``test/cond_accuracy`` (conditional models, with a classifier).
+    """
+    import torch
+
+    from components.data.dataset import load_numpy
+    from components.generative.common import WorkerData
+
+    dev = torch.device("cpu")
+    data = WorkerData.from_arrays({"test": load_numpy(data_dir, "test")}, info, dev)
+    metrics: dict[str, float] = {}
+    if kind == "vae":
+        from components.generative.vae import evaluate
+
+        elbo = evaluate(model, data, "test", config, dev)
+        metrics.update({f"test/{k}": v for k, v in elbo.items()})
+    if classifier is None:
+        return metrics
+    real = data.splits["test"][0]
+    probe = SampleDistance(classifier, real, data.shift, data.divisor, seed=config.seed + 5)
+    metrics["test/fd_classifier"] = probe(model)
+    if model.num_classes:
+
+        def draw(labels):
+            with torch.no_grad():
+                return model.sample(len(labels), labels).numpy()
+
+        per_class = conditional_accuracy(probe.classifier, info, draw, config.eval_per_label)
+        metrics["test/cond_accuracy"] = float(np.mean(per_class))
+    return metrics
+
+
+class SampleDistance:
+    """The per-epoch ``val/fd_classifier`` of a training loop: the Frechet distance between a
+    model's samples and a fixed set of real images, in a classifier's feature space.
+
+    Built once per worker; the real images' statistics are computed once, and every call draws
+    the same latent points (a fixed seed), so successive epochs are compared on equal terms.
+    A GAN has no likelihood to validate on; this is what a search over GANs ranks by.
+
+    Args:
+        classifier: ``{"hparams": ..., "model": state_dict}`` of a ``vision.train`` classifier.
+        real: real images, pixels in [0, 1], (N, C, H, W), on the worker's device.
+        shift: the data's per-channel normalization shift, shaped (1, C, 1, 1).
+        divisor: the data's per-channel normalization divisor, shaped (1, C, 1, 1).
+        seed: seeds the latent points of the samples.
+    """
+
+    def __init__(self, classifier: dict[str, Any], real, shift, divisor, seed: int = 0):
+        from components.vision.model import Classifier
+
+        self.dev, self.shift, self.divisor, self.seed = real.device, shift, divisor, seed
+        self.classifier = Classifier.from_hparams(classifier["hparams"]).to(self.dev)
+        self.classifier.load_state_dict(classifier["model"])
+        self.classifier.eval()
+        self.n = len(real)
+        self.real_stats = feature_stats(self._features(real))
+
+    def _features(self, pixels) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            x = (pixels.float() - self.shift) / self.divisor
+            parts = [self.classifier.features(x[i : i + 512]) for i in range(0, len(x), 512)]
+        return torch.cat(parts).double().cpu().numpy()
+
+    def __call__(self, model) -> float:
+        """The distance of ``model``'s samples (a VAE or generator, put in eval mode)."""
+        import torch
+
+        model.eval()
+        draw = torch.Generator(device=self.dev).manual_seed(self.seed)
+        labels = None
+        if model.num_classes:
+            labels = torch.arange(self.n, device=self.dev) % model.num_classes
+        with torch.no_grad():
+            pixels = model.sample(self.n, labels, generator=draw)
+        return frechet_distance(*self.real_stats, *feature_stats(self._features(pixels)))

@@ -56,18 +56,16 @@ def train_func(loop: dict[str, Any]) -> None:
     import torch
 
     from components import training
-    from components.generative.common import WorkerData, grid_inputs
-    from components.generative.models import VAE
+    from components.generative.common import WorkerData, build_sampler, grid_inputs
     from components.generative.sampling import to_uint8
 
     cfg = VAEConfig.model_validate(loop["config"])
     dev = training.device()
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    c, h, w = loop["image_shape"]
     classes = loop["num_classes"] if cfg.conditional else 0
-    model = VAE(c, (h, w), cfg.latent_dim, cfg.width, cfg.depth, classes).to(dev)
+    model = build_sampler("vae", cfg, loop["image_shape"], loop["num_classes"]).to(dev)
     optimizer = torch.optim.Adam(model.parameters(), cfg.lr)
-    data = WorkerData(loop, dev, ("train", "val", "test"))
+    data = WorkerData.from_shards(loop, dev, ("train", "val", "test"))
     grid_z, grid_labels = grid_inputs(cfg, loop["num_classes"], dev)
 
     state = training.restore()

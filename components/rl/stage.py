@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -201,20 +202,14 @@ class DDPGStage(Component):
     task_cpus = 1.0
 
     def run(self, ctx: StageContext, config: DDPGSettings) -> dict[str, Any]:
-        import numpy as np
         import ray
-        from ray.rllib.core import DEFAULT_MODULE_ID
-
-        from components.rl.ddpg import env_spaces
-        from components.rl.policy import export_policy
 
         if not ray.is_initialized():
             ray.init()
         seed = ctx.seed if config.seed is None else config.seed
         runners = ctx.resources.workers if config.env_runners is None else config.env_runners
         register_custom_env(config)
-        algo_config = build_algorithm_config(config, seed, runners)
-        algo = algo_config.build_algo()
+        algo = build_algorithm_config(config, seed, runners).build_algo()
         scratch = CheckpointDir(Path(ctx.scratch_dir) / "rllib")
         resumed_from = scratch.newest()
         if resumed_from is not None:
@@ -222,53 +217,15 @@ class DDPGStage(Component):
 
         out = Path(ctx.out_dir)
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        env_steps = _env_steps(algo)
-        start_steps, start = env_steps, time.time()
-        metrics: dict[str, Any] = {}
+        start_steps, start = _env_steps(algo), time.time()
+        metrics: dict[str, Any] = {"train/env_steps": start_steps}
         try:
-            while env_steps < config.timesteps:
-                result = algo.train()
-                env_steps = _env_steps(algo)
-                ev = result["evaluation"]["env_runners"]
-                learner = result.get("learners", {}).get(DEFAULT_MODULE_ID, {})
-                elapsed = time.time() - start
-                metrics = {
-                    "eval/episode_return_mean": float(ev["episode_return_mean"]),
-                    "eval/episode_return_std": float(ev["episode_return_std"]),
-                    "eval/episode_return_min": float(ev["episode_return_min"]),
-                    "eval/episode_return_max": float(ev["episode_return_max"]),
-                    "train/env_steps": int(env_steps),
-                    "train/env_steps_per_s": (env_steps - start_steps) / max(elapsed, 1e-9),
-                    "train/critic_loss": float(learner.get("critic_loss", np.nan)),
-                    "train/actor_loss": float(learner.get("actor_loss", np.nan)),
-                }
-                ctx.report(step=int(env_steps), **metrics)
-                saved = scratch.save(algo, int(env_steps))
+            for metrics in train_iterations(algo, config.timesteps):
+                ctx.report(step=metrics["train/env_steps"], **metrics)
+                saved = scratch.save(algo, metrics["train/env_steps"])
                 shutil.copytree(saved, out / "checkpoints" / saved.name, dirs_exist_ok=True)
-            if not metrics:  # resumed after the last iteration had already finished
-                metrics = {"train/env_steps": int(env_steps)}
             algo.save_to_path(out / "checkpoints" / "final")
-
-            obs_space, act_space = env_spaces(algo.config)
-            results = algo.learner_group.foreach_learner(
-                lambda learner: {
-                    k: v.cpu()
-                    for k, v in learner.module[DEFAULT_MODULE_ID].actor.state_dict().items()
-                }
-            )
-            actor_state = next(iter(results)).get()
-            export_policy(
-                out,
-                actor_state,
-                obs_dim=int(obs_space.shape[0]),
-                act_low=act_space.low,
-                act_high=act_space.high,
-                hiddens=list(config.hiddens),
-                env=config.env,
-                env_config=dict(config.env_config),
-                env_entry_point=config.env_entry_point,
-                extra={"algorithm": config.algorithm, "seed": seed, "env_steps": int(env_steps)},
-            )
+            export_actor(algo, out, config, seed)
         finally:
             algo.stop()
         (out / "settings.json").write_text(
@@ -277,6 +234,59 @@ class DDPGStage(Component):
         metrics["train/resumed_from_step"] = int(start_steps)
         metrics["train/time_s"] = time.time() - start
         return metrics
+
+
+def train_iterations(algo, timesteps: int) -> Iterator[dict[str, Any]]:
+    """Trains ``algo`` until it has sampled ``timesteps`` env steps in all (counting the steps
+    of a restored checkpoint); yields the metrics of each iteration, which ends with an
+    evaluation (see ``build_algorithm_config``)."""
+    import numpy as np
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    env_steps = _env_steps(algo)
+    start_steps, start = env_steps, time.time()
+    while env_steps < timesteps:
+        result = algo.train()
+        env_steps = _env_steps(algo)
+        ev = result["evaluation"]["env_runners"]
+        learner = result.get("learners", {}).get(DEFAULT_MODULE_ID, {})
+        yield {
+            "eval/episode_return_mean": float(ev["episode_return_mean"]),
+            "eval/episode_return_std": float(ev["episode_return_std"]),
+            "eval/episode_return_min": float(ev["episode_return_min"]),
+            "eval/episode_return_max": float(ev["episode_return_max"]),
+            "train/env_steps": int(env_steps),
+            "train/env_steps_per_s": (env_steps - start_steps) / max(time.time() - start, 1e-9),
+            "train/critic_loss": float(learner.get("critic_loss", np.nan)),
+            "train/actor_loss": float(learner.get("actor_loss", np.nan)),
+        }
+
+
+def export_actor(algo, out_dir: Path, config: DDPGSettings, seed: int) -> Path:
+    """Exports the learner's actor as a standalone policy (``out_dir/policy``)."""
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    from components.rl.ddpg import env_spaces
+    from components.rl.policy import export_policy
+
+    obs_space, act_space = env_spaces(algo.config)
+    results = algo.learner_group.foreach_learner(
+        lambda learner: {
+            k: v.cpu() for k, v in learner.module[DEFAULT_MODULE_ID].actor.state_dict().items()
+        }
+    )
+    return export_policy(
+        out_dir,
+        next(iter(results)).get(),
+        obs_dim=int(obs_space.shape[0]),
+        act_low=act_space.low,
+        act_high=act_space.high,
+        hiddens=list(config.hiddens),
+        env=config.env,
+        env_config=dict(config.env_config),
+        env_entry_point=config.env_entry_point,
+        extra={"algorithm": config.algorithm, "seed": seed, "env_steps": _env_steps(algo)},
+    )
 
 
 def _env_steps(algo) -> int:

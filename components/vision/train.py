@@ -249,10 +249,7 @@ class VisionTrain(Component):
 
         data = ctx.input("data.")
         info = load_dataset_info(data.path)
-        if info.kind != "image":
-            raise ValueError(
-                f"vision.train needs an image dataset; stage {data.stage!r} produced {info.kind}"
-            )
+        check_dataset(info, data.stage)
         datasets = {split: read_split(data.path, split) for split in ("train", "val", "test")}
         state = training.fit(
             train_func,
@@ -291,6 +288,24 @@ class VisionTrain(Component):
 
 
 # --- the artifact: export and load for inference ------------------------------------------
+
+
+def check_dataset(info, stage: str) -> None:
+    """Refuses data a classifier cannot learn from: not images, or fewer than two classes (a
+    one-class softmax reaches loss 0 and accuracy 1.0 and learns nothing).
+
+    Raises:
+        ValueError: naming the data stage and what it produced.
+    """
+    if info.kind != "image":
+        raise ValueError(
+            f"vision.train needs an image dataset; stage {stage!r} produced {info.kind}"
+        )
+    if info.num_classes < 2:
+        raise ValueError(
+            f"vision.train needs at least 2 classes; stage {stage!r} produced "
+            f"{info.num_classes} ({', '.join(map(str, info.class_names))})"
+        )
 
 
 def export(out_dir: Path, weights, hparams, info, config: VisionTrainConfig, metrics) -> None:

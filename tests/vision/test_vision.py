@@ -84,6 +84,29 @@ def test_rejects_a_tabular_dataset(ray_local, tmp_path):
     assert "needs an image dataset" in record.stages["classifier"]["error"]
 
 
+def test_rejects_a_single_class_dataset(ray_local, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images" / "seven"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        pixels = rng.integers(0, 255, (8, 8), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        f"name: t\nstorage: {tmp_path / 'store'}\nstages:\n"
+        "  prepare:\n    uses: data.prepare\n"
+        f"    with: {{source: {{kind: image_folder, root: {folder.parent}, size: [8, 8], "
+        "channels: 1}, split: {val: 0.2, test: 0.2}}\n"
+        "  classifier: {uses: vision.train, needs: [prepare], with: {epochs: 1}}\n"
+    )
+    record = engine.run_pipeline(spec.load(path), printer=lambda _line: None)
+    assert record.stages["prepare"]["status"] == "succeeded"
+    error = record.stages["classifier"]["error"]
+    assert "needs at least 2 classes" in error and "'prepare'" in error and "seven" in error
+
+
 @pytest.mark.slow
 def test_two_workers_on_two_nodes_end_with_identical_parameters(ray_cluster, tmp_path):
     record = run(

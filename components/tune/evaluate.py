@@ -1,7 +1,11 @@
-"""``tune.evaluate``: scores a trained model on the test split and gates its promotion.
+"""``tune.evaluate``: scores a trained model and gates its promotion.
 
-The candidate is a ``vision.train`` or ``tune.search`` artifact (both export ``model.pt``); the
-data is the ``data.prepare`` artifact it was trained on, both named in ``needs:``. With
+The candidate is the artifact of a trainable stage (``vision.train``, ``generative.vae``,
+``generative.gan``, ``rl.ddpg``) or of a ``tune.search`` over one, named in ``needs:``. A model
+of images is scored on the test split of the ``data.prepare`` artifact it was trained on (also
+in ``needs:``; a generative model also needs a ``vision.train`` stage, whose classifier gives
+the Frechet distance of its samples); an RL policy over ``episodes`` deterministic episodes on
+env seeds apart from those it was evaluated on in training. With
 ``register_as``, the candidate becomes a version of that registered model in the MLflow model
 registry, and the registry's ``champion`` alias moves to it only if it meets every threshold and
 beats the current champion by more than ``promote_if_better_by`` (no champion yet: meeting the
@@ -27,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from components.api import Component, StageContext, StrictModel
 from components.tune import adapters
@@ -36,6 +40,7 @@ ALIAS = "champion"
 DECISION_FILE = "decision.json"
 TAG_PREFIX = "metric."
 GATED_METRICS = sorted({m for a in adapters.ADAPTERS.values() for m in a.test_metrics})
+TRAINABLES = (*adapters.ADAPTERS, "tune.search")
 
 
 def _known_metric(name: str) -> str:
@@ -48,26 +53,60 @@ class EvaluateConfig(StrictModel):
     """Settings of ``tune.evaluate``.
 
     Attributes:
-        metric: the test metric that decides between candidate and champion.
-        mode: ``max`` (accuracy) or ``min`` (loss): which direction is better.
+        metric: the test metric that decides between candidate and champion; default: the
+            candidate's first (``test/accuracy``, ``test/elbo``, ``test/fd_classifier``,
+            ``test/episode_return_mean``).
+        mode: ``max`` (accuracy) or ``min`` (loss): which direction is better; default: the
+            metric's own.
         min: thresholds the candidate must reach (``{test/accuracy: 0.9}``).
         max: ceilings the candidate must stay under (``{test/loss: 0.5}``).
         promote_if_better_by: the margin by which the candidate must beat the champion.
         register_as: the registered model in MLflow; null evaluates and checks the thresholds
             without touching the registry.
+        candidate: the stage in ``needs:`` whose model is gated; needed only where ``needs:``
+            holds more than one trained model besides a generative model's classifier.
+        episodes: deterministic episodes an RL policy is scored over.
+        seed: env seed of the first of those episodes (the next ones count up from it).
     """
 
-    metric: str = "test/accuracy"
-    mode: Literal["max", "min"] = "max"
+    metric: str | None = None
+    mode: Literal["max", "min"] | None = None
     min: dict[str, float] = Field(default_factory=dict)
     max: dict[str, float] = Field(default_factory=dict)
     promote_if_better_by: float = Field(0.0, ge=0)
     register_as: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9][\w.-]*$")
+    candidate: str | None = None
+    episodes: int = Field(10, ge=1)
+    seed: int = Field(adapters.RL_TEST_SEED, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_mode(cls, data: Any) -> Any:
+        """A metric named without a mode is better the way that metric is."""
+        if isinstance(data, dict) and isinstance(data.get("metric"), str) and "mode" not in data:
+            data = {**data, "mode": adapters.METRIC_MODES.get(data["metric"])}
+        return data
 
     @field_validator("metric")
     @classmethod
-    def _metric(cls, value: str) -> str:
-        return _known_metric(value)
+    def _metric(cls, value: str | None) -> str | None:
+        return value if value is None else _known_metric(value)
+
+    def resolved(self, adapter: adapters.Adapter) -> EvaluateConfig:
+        """This config with the metric and mode filled in for a candidate of ``adapter``.
+
+        Raises:
+            ValueError: a metric or threshold the candidate is not scored on.
+        """
+        metric = self.metric or next(iter(adapter.test_metrics))
+        for name in [metric, *self.min, *self.max]:
+            if name not in adapter.test_metrics:
+                raise ValueError(
+                    f"a {adapter.component} model is not scored on {name}; it is on: "
+                    + ", ".join(adapter.test_metrics)
+                )
+        mode = self.mode or adapter.test_metrics[metric]
+        return self.model_copy(update={"metric": metric, "mode": mode})
 
     @field_validator("min", "max")
     @classmethod
@@ -94,6 +133,9 @@ class Decision:
 
 def check_thresholds(metrics: dict[str, float], config: EvaluateConfig) -> list[str]:
     """The thresholds the candidate misses, as readable lines (empty: it meets them all)."""
+    absent = [name for name in [*config.min, *config.max] if name not in metrics]
+    if absent:
+        raise ValueError(f"the candidate has no {', '.join(absent)} (see the thresholds)")
     missed = [
         f"{name} {metrics[name]:.4f} < min {floor:g}"
         for name, floor in config.min.items()
@@ -115,6 +157,8 @@ def decide(
     Returns:
         (promote, the reason in words, the thresholds it missed).
     """
+    if config.metric is None or config.mode is None:
+        raise ValueError("the gate's metric is not resolved yet (see EvaluateConfig.resolved)")
     missed = check_thresholds(metrics, config)
     if missed:
         return False, "below thresholds: " + "; ".join(missed), missed
@@ -190,7 +234,9 @@ def gate(
         source: where the candidate's files live (its artifact directory).
         metrics: the candidate's test metrics (saved as ``metric.*`` tags of the version).
         config: the gate's settings.
-        tags: more tags for the version (run id, stage, artifact digest).
+        tags: more tags for the version (run id, stage, artifact digest). With the
+            ``GATE_IDENTITY`` tags, a gate run again after its driver died (``raypipe
+            resume``) finds the version it registered and does not register it twice.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -205,20 +251,42 @@ def gate(
                 model, description="Registered by raypipe's tune.evaluate gate."
             )
         champion_version, champion = champion_of(client, model, config.metric)
-        promote, reason, missed = decide(metrics, champion, config)
-        version = client.create_model_version(
-            model,
-            source=source,
-            tags={
-                **{TAG_PREFIX + k: repr(float(v)) for k, v in metrics.items()},
-                **(tags or {}),
+        earlier = _registered_before(client, model, tags or {})
+        if earlier is not None and str(earlier.version) == champion_version:
+            # This gate promoted it before its driver died: the decision stands.
+            promote, reason, missed = True, earlier.tags.get("gate.reason", ""), []
+            champion_version = earlier.tags.get("gate.champion_version") or None
+            champion = _float_or_none(earlier.tags.get("gate.champion"))
+            version = earlier
+        else:
+            promote, reason, missed = decide(metrics, champion, config)
+            decision_tags = {
                 "gate.promoted": str(promote).lower(),
                 "gate.reason": reason,
-            },
-            description=reason,
-        )
-        if promote:
-            client.set_registered_model_alias(model, ALIAS, version.version)
+                "gate.champion_version": champion_version or "",
+                "gate.champion": "" if champion is None else repr(champion),
+            }
+            if earlier is not None:  # registered, then the driver died before the alias moved
+                version = earlier
+                for key, value in decision_tags.items():
+                    client.set_model_version_tag(model, version.version, key, value)
+            else:
+                version = client.create_model_version(
+                    model,
+                    source=source,
+                    tags={
+                        **{
+                            TAG_PREFIX + k: repr(float(v))
+                            for k, v in metrics.items()
+                            if isinstance(v, int | float)
+                        },
+                        **(tags or {}),
+                        **decision_tags,
+                    },
+                    description=reason,
+                )
+            if promote:
+                client.set_registered_model_alias(model, ALIAS, version.version)
     return Decision(
         promoted=promote,
         reason=reason,
@@ -232,6 +300,26 @@ def gate(
     )
 
 
+#: The tags that identify one gate of one candidate in one pipeline run.
+GATE_IDENTITY = ("raypipe.run_id", "raypipe.gate", "raypipe.digest")
+
+
+def _registered_before(client, model: str, tags: dict[str, str]):
+    """The version this very gate (same run, gate stage and candidate) registered before, if
+    its driver died after registering: a resumed gate reuses it instead of registering the
+    candidate twice (and then comparing it with itself)."""
+    if not all(tags.get(key) for key in GATE_IDENTITY):
+        return None
+    for version in client.search_model_versions(f"name='{model}'"):
+        if all(version.tags.get(key) == tags[key] for key in GATE_IDENTITY):
+            return version
+    return None
+
+
+def _float_or_none(text: str | None) -> float | None:
+    return float(text) if text else None
+
+
 class TuneEvaluate(Component):
     """Evaluates a trained model on the test split and promotes it to champion if it wins."""
 
@@ -240,26 +328,15 @@ class TuneEvaluate(Component):
     Config = EvaluateConfig
 
     def run(self, ctx: StageContext, config: EvaluateConfig) -> dict[str, Any]:
-        data = ctx.input("data.")
-        # Other gates may be in `needs:` only to order gates of one model; they are not models.
-        candidates = [
-            a
-            for a in ctx.inputs.values()
-            if a.component == "tune.search" or a.component in adapters.ADAPTERS
-        ]
-        if len(candidates) != 1:
-            have = {name: a.component for name, a in ctx.inputs.items()}
-            raise ValueError(
-                f"stage {ctx.stage!r} needs one trained model (a vision.train or tune.search "
-                f"stage) and its data.prepare stage in `needs:`; it has {have}"
-            )
-        candidate = candidates[0]
+        candidate = _candidate(ctx, config)
         trainable = (
             candidate.manifest["config"]["trainable"]
             if candidate.component == "tune.search"
             else candidate.component
         )
-        metrics = adapters.get(trainable).evaluate(candidate.path, data.path)
+        adapter = adapters.get(trainable)
+        config = config.resolved(adapter)
+        metrics = adapter.evaluate(candidate.path, ctx, config)
         if config.register_as is None:
             missed = check_thresholds(metrics, config)
             decision = Decision(
@@ -280,6 +357,7 @@ class TuneEvaluate(Component):
                 config,
                 tags={
                     "raypipe.run_id": ctx.run_id,
+                    "raypipe.gate": ctx.stage,
                     "raypipe.stage": candidate.stage,
                     "raypipe.component": candidate.component,
                     "raypipe.digest": str(candidate.manifest.get("digest", "")),
@@ -299,3 +377,37 @@ class TuneEvaluate(Component):
             if decision.promoted
             else decision.champion_version,
         }
+
+
+def _candidate(ctx: StageContext, config: EvaluateConfig):
+    """The input artifact whose model is gated.
+
+    Other gates may be in ``needs:`` only to order gates of one model, and a ``vision.train``
+    stage beside a generative model is that model's classifier: neither is the candidate.
+
+    Raises:
+        ValueError: no candidate, or more than one and no ``candidate:`` to choose.
+    """
+    if config.candidate is not None:
+        if config.candidate not in ctx.inputs:
+            raise ValueError(
+                f"candidate {config.candidate!r} is not in the `needs:` of stage {ctx.stage!r}"
+            )
+        return ctx.inputs[config.candidate]
+    found = [a for a in ctx.inputs.values() if a.component in TRAINABLES]
+    if len(found) > 1 and any(_is_generative(a) for a in found):
+        found = [a for a in found if a.component != "vision.train"]
+    if len(found) != 1:
+        have = {name: a.component for name, a in ctx.inputs.items()}
+        raise ValueError(
+            f"stage {ctx.stage!r} needs one trained model in `needs:` (a stage of "
+            f"{', '.join(TRAINABLES)}), or `candidate:` naming it; it has {have}"
+        )
+    return found[0]
+
+
+def _is_generative(artifact) -> bool:
+    component = artifact.component
+    if component == "tune.search":
+        component = artifact.manifest["config"]["trainable"]
+    return component.startswith("generative.")

@@ -1,14 +1,18 @@
-"""``tune.search``: Ray Tune over a trainable component (``vision.train`` today).
+"""``tune.search``: Ray Tune over a trainable component (``vision.train``, ``generative.vae``,
+``generative.gan``, ``rl.ddpg``; see ``adapters.py``).
 
-Each trial is a function that validates its sampled config against the trainable's own Config,
-then builds and fits a ``TorchTrainer`` running the component's unchanged ``train_func`` (the
-Ray 2.60 way: ``Tuner(trainer)`` is deprecated). A ``TuneReportCallback`` forwards every
-epoch's report to Tune, so ASHA can stop a poor trial after any epoch.
+Each trial is a function that validates its sampled config against the trainable's own Config.
+A Ray Train component's trial then builds and fits a ``TorchTrainer`` running the component's
+unchanged ``train_func`` (the Ray 2.60 way: ``Tuner(trainer)`` is deprecated), and a
+``TuneReportCallback`` forwards every epoch's report to Tune, so ASHA can stop a poor trial
+after any epoch. An ``rl.ddpg`` trial trains an RLlib algorithm in the trial's process and
+reports each evaluation, which counts as an epoch.
 
 The artifact: ``results.parquet`` and ``results.csv`` (one row per trial: status, config,
 final metrics, error), ``best_config.json``, the best trial's checkpoint (``checkpoint/``) and
-its model exported as the trainable exports it (``model.pt``), so ``tune.evaluate`` and
-``load_classifier`` take it like a ``vision.train`` artifact.
+its model exported as the trainable exports it (``model.pt``, or ``policy/``), so
+``tune.evaluate``, ``load_classifier``, ``raypipe sample`` and ``raypipe rollout`` take it like
+the trainable's own artifact.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from components import registry
 from components.api import Component, StageContext, StrictModel
@@ -48,11 +52,14 @@ class SearchConfig(StrictModel):
         scheduler: ``asha`` stops poor trials at epoch milestones; ``fifo`` runs all to the end.
         grace_period: epochs every trial runs before ASHA may stop it.
         reduction_factor: ASHA keeps the best 1/``reduction_factor`` at each milestone.
-        metric: the per-epoch metric that ranks trials (validation, never test).
-        mode: whether ``metric`` is maximized or minimized.
+        metric: the per-epoch metric that ranks trials (validation, never test); default: the
+            trainable's first (``val/accuracy``, ``val/elbo``, ``val/fd_classifier``,
+            ``eval/episode_return_mean``).
+        mode: whether ``metric`` is maximized or minimized; default: the metric's own way.
         time_budget_s: stops the search after this many seconds (trials running are stopped).
         max_concurrent_trials: trials at once; default: as many as the cluster's CPUs (and GPUs)
-            hold, each trial taking ``resources.workers * resources.cpus_per_worker`` CPUs.
+            hold, each trial taking ``resources.workers * resources.cpus_per_worker`` CPUs (an
+            ``rl.ddpg`` trial: one, plus one per env runner).
         seed: seeds the sampler (random and Optuna), so the same config samples the same trials.
     """
 
@@ -64,11 +71,25 @@ class SearchConfig(StrictModel):
     scheduler: Literal["asha", "fifo"] = "asha"
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(3.0, gt=1)
-    metric: str = "val/accuracy"
-    mode: Literal["max", "min"] = "max"
+    metric: str
+    mode: Literal["max", "min"]
     time_budget_s: float | None = Field(None, gt=0)
     max_concurrent_trials: int | None = Field(None, ge=1)
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_metric(cls, data: Any) -> Any:
+        """The trainable's first epoch metric, and the way that metric is better."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        trainable = adapters.ADAPTERS.get(data.get("trainable", "vision.train"))
+        if "metric" not in data and trainable is not None:
+            data["metric"] = next(iter(trainable.epoch_metrics))
+        if "mode" not in data and isinstance(data.get("metric"), str):
+            data["mode"] = adapters.METRIC_MODES.get(data["metric"], "max")
+        return data
 
     @field_validator("trainable")
     @classmethod
@@ -116,11 +137,14 @@ class SearchConfig(StrictModel):
         return self.samples or (1 if self.search == "grid" else 8)
 
     def max_epochs(self) -> int:
-        """The most epochs a trial can run (ASHA's budget)."""
-        dims = self.dimensions()
-        if "epochs" in dims:
-            return int(dims["epochs"].largest())
-        return registry.get(self.trainable).Config.model_validate(self.train).epochs
+        """The most epochs (evaluations, for RL) a trial can run: ASHA's budget."""
+        adapter, dims = adapters.get(self.trainable), self.dimensions()
+        largest = {key: dims[key].largest() for key in adapter.budget_keys if key in dims}
+        return adapter.budget(self.trainable_config(largest))
+
+    def trainable_config(self, params: dict[str, Any] | None = None) -> StrictModel:
+        """The trainable's config of a trial with sampled ``params``."""
+        return registry.get(self.trainable).Config.model_validate({**self.train, **(params or {})})
 
 
 # --- one trial ------------------------------------------------------------------------------
@@ -159,8 +183,10 @@ def run_trial(
     storage: str,
     run_name: str,
     groups: Any,
+    seed: int,
 ) -> None:
-    """The Tune trainable: fits one ``TorchTrainer`` with the sampled ``params``.
+    """The Tune trainable: fits one ``TorchTrainer`` with the sampled ``params``, or runs the
+    trainable's own trial function.
 
     Raises:
         pydantic.ValidationError: the sampled config is not valid for the trainable.
@@ -171,6 +197,9 @@ def run_trial(
     from ray.train.torch import TorchTrainer
 
     adapter = adapters.get(component)
+    if adapter.trial is not None:
+        adapter.load_trial()(params, fixed=fixed, resources=resources, seed=seed)
+        return
     config = registry.get(component).Config.model_validate({**fixed, **params})
     trial_id = tune.get_context().get_trial_id()
     per_worker = {"CPU": resources["cpus_per_worker"], **({"GPU": 1} if use_gpu else {})}
@@ -190,7 +219,7 @@ def run_trial(
             # Unique per trial: Train resumes a run whose name and storage it finds again.
             name=f"{run_name}-{trial_id}",
             storage_path=storage,
-            callbacks=[_report_callback(adapter.epoch_metrics[0])],
+            callbacks=[_report_callback(next(iter(adapter.epoch_metrics)))],
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
@@ -257,13 +286,17 @@ def _free_stopped_trials(groups: Any):
 # --- the stage ------------------------------------------------------------------------------
 
 
-def concurrent_trials(resources, cluster: dict[str, float], use_gpu: bool) -> int:
+def concurrent_trials(
+    resources, cluster: dict[str, float], use_gpu: bool, cpus_per_trial: float | None = None
+) -> int:
     """How many trials fit on the cluster at once (at least 1).
 
-    A trial holds ``workers * cpus_per_worker`` CPUs (and ``workers`` GPUs); the trial's own
-    process and Train's controller hold none, so whole gangs never wait on each other.
+    A Train trial holds ``workers * cpus_per_worker`` CPUs (and ``workers`` GPUs); the trial's
+    own process and Train's controller hold none, so whole gangs never wait on each other.
+    ``cpus_per_trial`` overrides the CPUs (an RL trial: its own process and its env runners).
     """
-    fits = math.floor(cluster.get("CPU", 0) / (resources.workers * resources.cpus_per_worker))
+    cpus = cpus_per_trial or resources.workers * resources.cpus_per_worker
+    fits = math.floor(cluster.get("CPU", 0) / cpus)
     if use_gpu:
         fits = min(fits, math.floor(cluster.get("GPU", 0) / resources.workers))
     return max(1, fits)
@@ -285,8 +318,9 @@ class TuneSearch(Component):
         data = adapter.prepare(ctx)
         cluster = ray.cluster_resources()
         use_gpu = ctx.resources.use_gpu(cluster.get("GPU", 0))
+        trial_cpus = adapter.trial_cpus(ctx.resources, config.trainable_config())
         concurrent = config.max_concurrent_trials or concurrent_trials(
-            ctx.resources, cluster, use_gpu
+            ctx.resources, cluster, use_gpu, trial_cpus
         )
         groups = Queue(actor_options={"num_cpus": 0})  # trial id -> its workers' group
         run_name = f"search-{time.strftime('%Y%m%d-%H%M%S')}-{ctx.run_id[:8]}"
@@ -303,10 +337,12 @@ class TuneSearch(Component):
                 storage=f"{scratch}/trials",
                 run_name=run_name,
                 groups=groups,
+                seed=config.seed,
             ),
-            # The trial only drives its TorchTrainer (whose controller holds no CPU either):
-            # it asks for memory alone, so a trial's CPUs are exactly its workers' CPUs.
-            {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY},
+            # A Train trial only drives its TorchTrainer (whose controller holds no CPU
+            # either): it asks for memory alone, so its CPUs are exactly its workers' CPUs.
+            # An RL trial learns (and, without env runners, samples) in its own process.
+            {"CPU": 0 if adapter.trial is None else 1, "memory": TRIAL_DRIVER_MEMORY},
         )
         ctx.progress(note=f"{config.num_samples()} samples, {concurrent} trial(s) at once")
         tuner = tune.Tuner(
@@ -365,18 +401,10 @@ class TuneSearch(Component):
         }
 
     def _export_best(self, ctx, config, adapter, data, best, result) -> dict[str, Any]:
-        from components import training
-
-        checkpoint = result.metrics.get("checkpoint_path")
-        if not checkpoint:
-            raise RuntimeError(f"the best trial {best['trial']} left no checkpoint")
-        state = training.load_state(Path(checkpoint))
-        (ctx.out_dir / CHECKPOINT_DIR).mkdir()
-        shutil.copy2(Path(checkpoint) / training.STATE_FILE, ctx.out_dir / CHECKPOINT_DIR)
-        trainable_config = registry.get(config.trainable).Config.model_validate(
-            {**config.train, **result.config}
-        )
-        test = adapter.export(ctx.out_dir, state, data, trainable_config)
+        checkpoint = _checkpoint_of(result, adapter, config)
+        shutil.copytree(checkpoint, ctx.out_dir / CHECKPOINT_DIR)
+        trainable_config = config.trainable_config(result.config)
+        test = adapter.export(ctx.out_dir, checkpoint, data, trainable_config)
         (ctx.out_dir / BEST_FILE).write_text(
             json.dumps(
                 {
@@ -429,44 +457,70 @@ def _searcher(config: SearchConfig, concurrent: int):
     return BasicVariantGenerator(random_state=config.seed, max_concurrent=concurrent)
 
 
+def _checkpoint_of(result, adapter, config: SearchConfig) -> Path:
+    """The checkpoint directory to export of a trial: the last one its Train run reported
+    (it holds the best epoch where the trainable keeps it), or, for a trial reporting to Tune
+    itself, its best (``keeps_best``) or last one."""
+    path = result.metrics.get("checkpoint_path")
+    if path is None and result.checkpoint is not None:
+        checkpoint = result.checkpoint
+        if adapter.keeps_best:
+            checkpoint = result.get_best_checkpoint(config.metric, config.mode) or checkpoint
+        path = checkpoint.path
+    if not path:
+        raise RuntimeError(f"the best trial {_trial_name(result)} left no checkpoint")
+    return Path(path)
+
+
 def _trial_name(result) -> str:
     return Path(result.path).name if result.path else str(result.metrics.get("trial_id"))
 
 
 def _trial_row(result, config: SearchConfig) -> dict[str, Any]:
     """One row of the results table: the trial's config, final metrics, status and error."""
-    from components.training import _root_message
+    from components.training import root_message
 
     metrics = result.metrics or {}
     params = result.config or {}
     epochs = int(metrics.get("epochs_done", 0))
+    adapter = adapters.get(config.trainable)
     if result.error is not None:
         status = "error"
     elif not metrics:
         status = "not started"  # the time budget ran out first
-    elif "test/accuracy" in metrics or epochs >= _planned_epochs(config, params):
+    elif (
+        metrics.get("completed")  # a trial function that knows
+        or any(name in metrics for name in adapter.test_metrics)  # the final test report
+        or epochs >= adapter.budget(config.trainable_config(params))
+    ):
         status = "completed"
     else:
         status = "stopped"  # by ASHA or the time budget
     row: dict[str, Any] = {"trial": _trial_name(result), "status": status, "epochs_run": epochs}
-    for name in adapters.get(config.trainable).epoch_metrics:
+    for name in adapter.epoch_metrics:
         row[name] = _number(metrics.get(name))
     history = result.metrics_dataframe
     values = (
         history[config.metric].dropna() if history is not None and config.metric in history else []
     )
-    best = (max if config.mode == "max" else min)(values) if len(values) else None
+    # A trial is ranked by the value of the weights it exports: its best epoch's where the
+    # trainable keeps them, otherwise its last.
+    if not len(values):
+        best, at = None, None
+    else:
+        at = values.index[-1]
+        if adapter.keeps_best:
+            at = values.idxmax() if config.mode == "max" else values.idxmin()
+        best = values[at]
+        at = history["epochs_done"][at] if "epochs_done" in history else None
     row[f"best/{config.metric}"] = _number(best)
+    row["best/epoch"] = _number(at)  # the epoch (evaluation) whose weights it exports
     row["trial_seconds"] = _number(metrics.get("time_total_s"))
     for key, value in params.items():
         scalar = value is None or isinstance(value, int | float | str | bool)
         row[f"config/{key}"] = value if scalar else json.dumps(value, sort_keys=True)
-    row["error"] = _root_message(result.error) if result.error is not None else None
+    row["error"] = root_message(result.error) if result.error is not None else None
     return row
-
-
-def _planned_epochs(config: SearchConfig, params: dict[str, Any]) -> int:
-    return registry.get(config.trainable).Config.model_validate({**config.train, **params}).epochs
 
 
 def _number(value: Any) -> float | None:

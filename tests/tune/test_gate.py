@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from components.tune import adapters
 from components.tune.evaluate import ALIAS, EvaluateConfig, decide, gate
 from pipelines import engine, spec
 
@@ -28,7 +29,9 @@ def champion(uri: str, model: str) -> tuple[str, dict[str, str]]:
 
 
 def test_decide_thresholds_margin_and_first_champion():
-    cfg = EvaluateConfig(min={"test/accuracy": 0.9}, promote_if_better_by=0.01)
+    cfg = EvaluateConfig(
+        metric="test/accuracy", min={"test/accuracy": 0.9}, promote_if_better_by=0.01
+    )
     assert decide({"test/accuracy": 0.95}, None, cfg)[0]  # no champion: thresholds suffice
     promote, reason, missed = decide({"test/accuracy": 0.85}, None, cfg)
     assert not promote and missed and "< min 0.9" in reason
@@ -40,9 +43,24 @@ def test_decide_thresholds_margin_and_first_champion():
     assert not decide({"test/loss": 1.2}, None, loss)[0]  # over the ceiling
 
 
+def test_the_gate_metric_and_its_direction_follow_the_candidate():
+    plain = EvaluateConfig()
+    assert plain.resolved(adapters.get("vision.train")).metric == "test/accuracy"
+    gan = plain.resolved(adapters.get("generative.gan"))
+    assert (gan.metric, gan.mode) == ("test/fd_classifier", "min")
+    rl = plain.resolved(adapters.get("rl.ddpg"))
+    assert (rl.metric, rl.mode) == ("test/episode_return_mean", "max")
+    assert EvaluateConfig(metric="test/fd_classifier").mode == "min"  # named without a mode
+    # A lower distance wins: 12 beats a champion at 15, 18 does not.
+    assert decide({"test/fd_classifier": 12.0}, 15.0, gan)[0]
+    assert not decide({"test/fd_classifier": 18.0}, 15.0, gan)[0]
+    with pytest.raises(ValueError, match="not scored on test/accuracy"):
+        EvaluateConfig(min={"test/accuracy": 0.9}).resolved(adapters.get("rl.ddpg"))
+
+
 def test_gate_promotes_only_a_better_candidate_and_moves_the_alias(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = EvaluateConfig(min={"test/accuracy": 0.5}, register_as="digits")
+    cfg = EvaluateConfig(metric="test/accuracy", min={"test/accuracy": 0.5}, register_as="digits")
     src = str(tmp_path)
 
     low = gate(uri, "digits", src, {"test/accuracy": 0.4}, cfg)
@@ -64,6 +82,33 @@ def test_gate_promotes_only_a_better_candidate_and_moves_the_alias(tmp_path):
     assert sorted(v.tags["gate.promoted"] for v in versions) == ["false", "false", "true", "true"]
 
 
+def test_a_gate_run_again_after_its_driver_died_registers_nothing_twice(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = EvaluateConfig(metric="test/accuracy", register_as="digits")
+    src = str(tmp_path)
+    old = gate(uri, "digits", src, {"test/accuracy": 0.8}, cfg)
+    ident = {"raypipe.run_id": "run-1", "raypipe.gate": "gate", "raypipe.digest": "abc"}
+
+    # Promoted, then the driver died before the stage was published: the resumed gate finds
+    # its version, which is the champion, and the decision stands (not "no gain over itself").
+    first = gate(uri, "digits", src, {"test/accuracy": 0.9}, cfg, tags=ident)
+    again = gate(uri, "digits", src, {"test/accuracy": 0.9}, cfg, tags=ident)
+    assert first.promoted and again.promoted and again.version == first.version
+    assert again.champion_version == old.version and again.champion == pytest.approx(0.8)
+    assert len(client(uri).search_model_versions("name='digits'")) == 2
+
+    # Registered, then the driver died before the alias moved: the resumed gate moves it.
+    other = {**ident, "raypipe.run_id": "run-2"}
+    mlflow_client = client(uri)
+    orphan = mlflow_client.create_model_version(
+        "digits", source=src, tags={**other, "metric.test/accuracy": "0.95"}
+    )
+    resumed = gate(uri, "digits", src, {"test/accuracy": 0.95}, cfg, tags=other)
+    assert resumed.promoted and resumed.version == str(orphan.version)
+    assert champion(uri, "digits")[0] == resumed.version
+    assert len(client(uri).search_model_versions("name='digits'")) == 3
+
+
 def test_concurrent_gates_leave_the_alias_on_the_best_model(tmp_path):
     """Six processes gate at the same moment; the alias must end on the best candidate and
     every promotion must have beaten the champion it saw (no lost update)."""
@@ -74,7 +119,7 @@ def test_concurrent_gates_leave_the_alias_on_the_best_model(tmp_path):
         "import json, sys, time\n"
         "from components.tune.evaluate import EvaluateConfig, gate\n"
         "uri, score, start = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])\n"
-        "cfg = EvaluateConfig(register_as='race')\n"
+        "cfg = EvaluateConfig(metric='test/accuracy', mode='max', register_as='race')\n"
         "time.sleep(max(0.0, start - time.time()))\n"
         "d = gate(uri, 'race', sys.argv[4], {'test/accuracy': score}, cfg)\n"
         "print(json.dumps(d.__dict__))\n"

@@ -154,25 +154,24 @@ def test_gan_on_two_nodes_ends_with_identical_generator_and_discriminator(ray_cl
 
 @pytest.mark.reliability
 @pytest.mark.slow
-def test_gan_worker_killed_mid_training_resumes_from_checkpoint(
-    ray_local, storage, kill_train_worker_mid_run
+@pytest.mark.parametrize(
+    ("component", "settings", "metric"),
+    [
+        ("generative.gan", "width: 8, latent_dim: 8", "train/d_loss"),
+        ("generative.vae", "width: 8, latent_dim: 4", "train/loss"),
+    ],
+)
+def test_worker_killed_mid_training_resumes_from_checkpoint(
+    ray_local, storage, kill_train_worker_mid_run, component, settings, metric
 ):
-    epochs = 12
-    pipeline = generative_pipeline(
-        storage,
-        {
-            "ganf": (
-                "generative.gan",
-                f"{{epochs: {epochs}, width: 8, latent_dim: 8, max_failures: 2}}",
-                "{workers: 1}",
-            )
-        },
-    )
-    record, _ = kill_train_worker_mid_run(lambda: run(pipeline), storage, "ganf", "train/d_loss")
-    m = record.stages["ganf"]["metrics"]
+    epochs, stage = 12, component.split(".")[1] + "f"
+    with_ = f"{{epochs: {epochs}, {settings}, max_failures: 2}}"
+    pipeline = generative_pipeline(storage, {stage: (component, with_, "{workers: 1}")})
+    record, _ = kill_train_worker_mid_run(lambda: run(pipeline), storage, stage, metric)
+    m = record.stages[stage]["metrics"]
     assert m["resumed_from_epoch"] is not None and m["resumed_from_epoch"] >= 1, m
     assert m["epochs_run"] == epochs  # each epoch once: the counter did not restart at zero
-    steps = [p["step"] for p in history(record, "ganf")]
+    steps = [p["step"] for p in history(record, stage)]
     assert steps == list(range(epochs))
 
 

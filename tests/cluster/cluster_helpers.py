@@ -2,35 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from cli_helpers import ROOT, cli, cli_env  # noqa: F401 (the cluster tests import them here)
+
 PIPELINE = "tests/cluster/sleep.yaml"  # inside the project: it is shipped with the job
-
-
-def base_env(**extra: str) -> dict[str, str]:
-    """This environment with Ray's auth mode said explicitly and no stray token."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")}
-    env.update(RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0")
-    env.update(extra)
-    return env
-
-
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300):
-    """Runs `python -m pipelines.cli ARGS` from the project root; returns the CompletedProcess."""
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args],
-        cwd=ROOT,
-        env=env or base_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def output(result) -> str:

@@ -20,8 +20,8 @@ import pytest
 from cluster_helpers import (
     PIPELINE,
     ROOT,
-    base_env,
     cli,
+    cli_env,
     output,
     processes_naming,
     submitted_id,
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.slow
 def cluster(tmp_path_factory):
     """`raypipe cluster up --workers 2`: a head and two worker nodes, 1 CPU each."""
     state = tmp_path_factory.mktemp("cluster-state")
-    env = base_env(RAYPIPE_CLUSTER_DIR=str(state))
+    env = cli_env(RAYPIPE_CLUSTER_DIR=str(state))
     try:
         up = cli("cluster", "up", "--workers", "2", env=env, timeout=400)
         assert up.returncode == 0, output(up)
@@ -171,7 +171,7 @@ def _scheduler(cluster, state: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         cmd,
         cwd=ROOT,
-        env=base_env(),
+        env=cli_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

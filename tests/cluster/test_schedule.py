@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from cluster_helpers import PIPELINE, ROOT, base_env
+from cluster_helpers import PIPELINE, ROOT, cli_env
 
 from pipelines import spec
 from pipelines.schedule import History, ScheduleError, Ticks, due_ticks, format_history, iso
@@ -83,7 +83,7 @@ def test_retrain_pipeline_validates():
     result = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "validate", "pipelines/retrain.yaml"],
         cwd=ROOT,
-        env=base_env(),
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=120,

@@ -7,7 +7,7 @@ import json
 import secrets
 
 import pytest
-from cluster_helpers import PIPELINE, base_env, cli, output, submitted_id
+from cluster_helpers import PIPELINE, cli, cli_env, output, submitted_id
 
 from pipelines import localcluster
 
@@ -22,7 +22,7 @@ def token_cluster(tmp_path_factory):
     token_file = home / "cluster-token"
     token_file.write_text(token + "\n")
     state = tmp_path_factory.mktemp("token-cluster")
-    env = base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), HOME=str(home))
+    env = cli_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), HOME=str(home))
     try:
         info = localcluster.up(0, state_dir=state, env=env)
         yield {
@@ -38,7 +38,7 @@ def token_cluster(tmp_path_factory):
 
 def _no_token_env(c, **extra):
     # An empty HOME: no ~/.ray/auth_token to fall back on.
-    return base_env(HOME=str(c["tmp"]), **extra)
+    return cli_env(HOME=str(c["tmp"]), **extra)
 
 
 @pytest.mark.reliability

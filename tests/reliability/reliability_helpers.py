@@ -13,28 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    """This environment with Ray's auth mode said explicitly (token auth is on by default)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")}
-    env.update(RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0")
-    env.update(extra)
-    return env
-
-
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300):
-    """Runs `python -m pipelines.cli ARGS` to the end; returns the CompletedProcess."""
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args],
-        cwd=ROOT,
-        env=env or cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        start_new_session=True,  # the embedded Ray it starts is its own process group
-    )
+from cli_helpers import ROOT, cli, cli_env  # noqa: F401 (the suite's tests import them here)
 
 
 def start_cli(*args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:

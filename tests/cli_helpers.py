@@ -1,10 +1,13 @@
-"""The `raypipe` CLI as a subprocess, for every test folder that drives it from outside."""
+"""The `raypipe` CLI as a subprocess, and waiting on what it does, for every test folder that
+drives it from outside."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,3 +34,14 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300):
         timeout=timeout,
         start_new_session=True,  # an embedded Ray it starts is its own process group
     )
+
+
+def wait_for(check: Callable[[], object], timeout: float, what: str, poll: float = 0.5):
+    """Polls ``check`` until it returns something truthy; fails after ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")

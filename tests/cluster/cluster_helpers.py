@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
-from cli_helpers import ROOT, cli, cli_env  # noqa: F401 (the cluster tests import them here)
+from cli_helpers import ROOT, cli, cli_env, wait_for  # noqa: F401 (the cluster tests import them here)
 
 PIPELINE = "tests/cluster/sleep.yaml"  # inside the project: it is shipped with the job
 
 
 def output(result) -> str:
     return result.stdout + result.stderr
-
-
-def wait_for(check: Callable[[], object], timeout: float, what: str, poll: float = 0.5):
-    """Polls ``check`` until it returns something truthy; fails after ``timeout`` seconds."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def submitted_id(result) -> str:

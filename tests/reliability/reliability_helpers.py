@@ -9,11 +9,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-from cli_helpers import ROOT, cli, cli_env  # noqa: F401 (the suite's tests import them here)
+from cli_helpers import ROOT, cli, cli_env, wait_for  # noqa: F401 (the suite's tests import them here)
 
 
 def start_cli(*args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -34,17 +32,6 @@ def kill_group(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-
-
-def wait_for(check: Callable[[], object], timeout: float, what: str, poll: float = 0.05):
-    """Polls ``check`` until it returns something truthy; fails after ``timeout`` seconds."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def read_record(store: Path, run_id: str | None = None) -> dict | None:

@@ -103,6 +103,7 @@ def kill_when(driver, store: Path, run_id: str | None, ready, what: str, log: Pa
             lambda: (r := read_record(store, run_id)) is not None and ready(r),
             240,
             f"{what} (driver log: {log.read_text()[-2000:] if log.exists() else ''})",
+            poll=0.05,
         )
     finally:
         kill_group(driver)
@@ -170,7 +171,9 @@ def test_driver_killed_during_data_training_and_gate_then_resumed(ray_local, tmp
             log,
         )
         # Ray ends a dead driver's tasks; only then may a gate take the lock again.
-        wait_for(lambda: not stage_processes("killed", "gate"), 60, "the gate task to end")
+        wait_for(
+            lambda: not stage_processes("killed", "gate"), 60, "the gate task to end", poll=0.05
+        )
     assert "prepare: completed before the resume; kept" in log.read_text()
     classifier_manifest = manifest_text(dead, "classifier")
     assert not published(store, "tune.evaluate"), "a killed gate published an artifact"

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pipeline_helpers import run_ok as run
 
-from pipelines import engine, spec
+from pipelines import spec
 
 PREPARE = """\
   prepare:
@@ -47,13 +48,6 @@ def generative_pipeline(storage: Path, stages: dict[str, tuple[str, str, str]]):
 def storage(tmp_path_factory):
     """One storage for the module: data and classifier are computed once and then cached."""
     return tmp_path_factory.mktemp("generative") / "store"
-
-
-def run(pipeline):
-    record = engine.run_pipeline(pipeline, printer=lambda _line: None)
-    failed = {n: s.get("traceback") for n, s in record.stages.items() if s.get("error")}
-    assert record.ok, f"{record.error}\n{failed}"
-    return record
 
 
 def history(record, stage: str) -> list[dict]:

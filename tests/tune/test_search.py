@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from pipeline_helpers import run_ok as run
 
 from components.api import Resources
 from components.tune.search import concurrent_trials
@@ -39,12 +40,6 @@ def pipeline(storage: Path, search_with: str, extra: str = "") -> spec.Pipeline:
         f"    with:\n{search_with}{extra}"
     )
     return spec.load(path)
-
-
-def run(p: spec.Pipeline):
-    record = engine.run_pipeline(p, printer=lambda _line: None)
-    assert record.ok, record.error + "\n" + str(record.stages["search"].get("traceback"))
-    return record
 
 
 def table(record) -> pd.DataFrame:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from pipeline_helpers import run_ok
 
 from pipelines import engine, spec
 
@@ -56,10 +57,7 @@ stages:
 
 def run(path: Path, text: str, **fields: str):
     path.write_text(text.format(**fields))
-    record = engine.run_pipeline(spec.load(path), printer=lambda _line: None)
-    failed = {n: s.get("error") for n, s in record.stages.items() if s.get("error")}
-    assert record.ok, failed
-    return record
+    return run_ok(spec.load(path))
 
 
 def results(record, stage: str) -> tuple[Path, pd.DataFrame, dict]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pipeline_helpers import run_ok as run
 
 from pipelines import engine, spec
 
@@ -33,12 +34,6 @@ def vision_pipeline(storage: Path, train_with: str, resources: str = "{workers: 
 def storage(tmp_path_factory):
     """One storage for the module: the prepared digits are computed once and then cached."""
     return tmp_path_factory.mktemp("vision") / "store"
-
-
-def run(pipeline):
-    record = engine.run_pipeline(pipeline, printer=lambda _line: None)
-    assert record.ok, record.error + "\n" + str(record.stages["classifier"].get("traceback"))
-    return record
 
 
 def test_learns_digits_and_the_export_reproduces_test_accuracy(ray_local, storage):

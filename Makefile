@@ -32,7 +32,7 @@ chromium:
 	  echo "warning: chromium could not be installed; the browser test will be skipped"; }
 
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -21,12 +21,14 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# The chain's stages are the tests' engine exercisers (test.sleep), registered by name.
+os.environ.setdefault("RAYPIPE_COMPONENTS", "tests.engine_components")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from components.api import InputArtifact, Resources, StageContext  # noqa: E402
-from components.testing import Sleep  # noqa: E402
 from pipelines import engine, spec  # noqa: E402
+from tests.engine_components import Sleep  # noqa: E402
 
 
 def plain_stage(prev_dir: str | None, out_dir: str, value: float) -> str:
@@ -34,7 +36,9 @@ def plain_stage(prev_dir: str | None, out_dir: str, value: float) -> str:
     inputs = {}
     if prev_dir:
         inputs["prev"] = InputArtifact(
-            "prev", Path(prev_dir), {"component": "test.sleep", "files": {"out.json": {}}}
+            "prev",
+            Path(prev_dir),
+            {"component": "test.sleep", "kind": "test/value", "files": {"out.json": {}}},
         )
     ctx = StageContext(
         stage="s",

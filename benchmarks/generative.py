@@ -89,7 +89,7 @@ def main() -> None:
     if not record.ok:
         raise SystemExit(f"pipeline failed: {record.error}")
     stages = record.stages
-    classifier = stages["classifier"]["metrics"]
+    classifier = stages["classifier"].metrics
     report: dict = {
         "benchmark": "generative (digits, pipelines/generative.yaml)",
         "machine": {
@@ -100,11 +100,11 @@ def main() -> None:
         "overrides": args.set,
         "pipeline_wall_s": round(wall, 1),
         "reference": {
-            "fd_classifier_real_floor": stages["gan"]["metrics"]["eval/fd_classifier_real"],
-            "fd_classifier_noise_ceiling": stages["gan"]["metrics"]["eval/fd_classifier_noise"],
+            "fd_classifier_real_floor": stages["gan"].metrics["eval/fd_classifier_real"],
+            "fd_classifier_noise_ceiling": stages["gan"].metrics["eval/fd_classifier_noise"],
             "classifier_test_accuracy_on_real": classifier["test/accuracy"],
             "chance_accuracy": 0.1,
-            "fd_samples": stages["gan"]["metrics"]["eval/fd_samples"],
+            "fd_samples": stages["gan"].metrics["eval/fd_samples"],
         },
     }
     for name in ("vae", "gan"):
@@ -126,17 +126,17 @@ def main() -> None:
 
     # Throughput: the Ray Train GAN loop's per-epoch rate (first epoch dropped) against the
     # same train_step in a plain loop here, measured right after, on the same machine.
-    gan_art = Path(stages["gan"]["artifact"])
+    gan_art = Path(stages["gan"].artifact)
     history = [json.loads(line) for line in (gan_art / "history.jsonl").read_text().splitlines()]
     ray_rates = [p["train/samples_per_s"] for p in history[1:]] or [
         history[0]["train/samples_per_s"]
     ]
     ray.shutdown()  # the plain loop gets the machine the Ray workers had
-    import torch
 
-    bundle = torch.load(gan_art / "model.pt", weights_only=True)
+    from components.bundle import read_bundle
+
     plain = plain_gan_throughput(
-        Path(stages["prepare"]["artifact"]), bundle["config"], args.plain_epochs
+        Path(stages["prepare"].artifact), read_bundle(gan_art).config, args.plain_epochs
     )
     ray_rate = statistics.median(ray_rates)
     report["gan_throughput"] = {

@@ -60,7 +60,7 @@ def run_raypipe(algo_name: str, seed: int, checkpoints: list[int], fast: bool = 
     from ray.rllib.core import DEFAULT_MODULE_ID
     from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
 
-    from components.rl.ddpg import DDPGConfig, TD3Config
+    from components.rl.algorithm import DDPGConfig, TD3Config
 
     config = (TD3Config() if algo_name == "td3" else DDPGConfig()).environment("Pendulum-v1")
     config = (

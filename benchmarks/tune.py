@@ -89,13 +89,13 @@ def main() -> None:
         record = engine.run_pipeline(spec.load(path), printer=lambda _line: None)
         assert record.ok, record.error
         figures: dict = {"samples": args.samples, "max_epochs": args.epochs, "cpus": os.cpu_count()}
-        val_rows = record.stages["prepare"]["metrics"].get("val/rows")
+        val_rows = record.stages["prepare"].metrics.get("val/rows")
         figures.update(val_rows=val_rows, one_row_points=100 / val_rows if val_rows else None)
         tables = {}
         for name in ("asha", "exhaustive"):
             stage = record.stages[name]
-            metrics = stage["metrics"]
-            tables[name] = pd.read_parquet(Path(stage["artifact"]) / "results.parquet")
+            metrics = stage.metrics
+            tables[name] = pd.read_parquet(Path(stage.artifact) / "results.parquet")
             figures[name] = {
                 "best_val_accuracy": metrics["best/val/accuracy"],
                 "best_test_accuracy": metrics["test/accuracy"],

@@ -1,11 +1,15 @@
 """The contract between the pipeline engine and the components it runs.
 
-A component is a class with a ``name`` (the ``uses:`` word in a pipeline file), a ``version``
-(bump it when the output for the same config changes), a pydantic ``Config`` model that
-validates the stage's ``with:`` block, and a ``run(ctx, config)`` method that writes files into
-``ctx.out_dir`` and returns metrics. Components know nothing else of the engine: they get their
-inputs as published artifact directories (path + manifest) and never see live Python objects
-from other stages.
+A component is a class registered under a ``uses:`` name (``components/registry.py``) with a
+``version`` (bump it when the output for the same config changes), a pydantic ``Config`` model
+that validates the stage's ``with:`` block, the kind of artifact it publishes (``produces``),
+and a ``run(ctx, config)`` method that writes files into ``ctx.out_dir`` and returns metrics.
+Components know nothing else of the engine: they get their inputs as published artifact
+directories (path + manifest), asked for by kind (``ctx.input("dataset/image")``), and never
+see live Python objects from other stages.
+
+A component that trains a model also names its family's hooks (``trainable``): how a Tune
+trial trains it, how its model is exported, loaded and scored (``components/contract.py``).
 
 Modules that define components stay light to import (pydantic and the standard library):
 heavy imports (torch, ray.train, rllib) go inside ``run`` so that validating a pipeline file
@@ -79,6 +83,16 @@ class InputArtifact:
         return self.manifest["component"]
 
     @property
+    def kind(self) -> str:
+        """What the artifact holds (``dataset/image``, ``model/classifier``, ...)."""
+        return self.manifest["kind"]
+
+    def is_kind(self, kind: str) -> bool:
+        """Whether the artifact is of ``kind``, or of a kind under it (``dataset`` matches
+        ``dataset/image``)."""
+        return self.kind == kind or self.kind.startswith(kind.rstrip("/") + "/")
+
+    @property
     def metrics(self) -> dict[str, Any]:
         return self.manifest.get("metrics", {})
 
@@ -117,24 +131,25 @@ class StageContext:
     on_progress: Callable[[dict[str, Any]], None] | None = None
     _history: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
-    def input(self, component_prefix: str | None = None) -> InputArtifact:
-        """Returns the single input (optionally the one whose component starts with a prefix).
+    def input(self, kind: str | None = None) -> InputArtifact:
+        """Returns the single input of ``kind`` (or of a kind under it: ``dataset`` matches
+        ``dataset/image``), or the single input when no kind is given.
 
         Raises:
-            ValueError: no such input, or more than one matches.
+            ValueError: no such input, or more than one matches (the message lists the inputs).
         """
-        found = [
-            a
-            for a in self.inputs.values()
-            if component_prefix is None or a.component.startswith(component_prefix)
-        ]
+        found = self.inputs_of(kind)
         if len(found) != 1:
-            want = (
-                f"an input from a {component_prefix!r} stage" if component_prefix else "one input"
-            )
-            have = {name: a.component for name, a in self.inputs.items()}
+            want = f"one input of kind {kind!r}" if kind else "one input"
+            if len(found) > 1:
+                want = f"exactly {want}"
+            have = {name: a.kind for name, a in self.inputs.items()}
             raise ValueError(f"stage {self.stage!r} needs {want} in `needs:`; it has {have}")
         return found[0]
+
+    def inputs_of(self, kind: str | None) -> list[InputArtifact]:
+        """Every input of ``kind`` (or of a kind under it), in ``needs:`` order."""
+        return [a for a in self.inputs.values() if kind is None or a.is_kind(kind)]
 
     def report(self, step: int | None = None, **metrics: Any) -> None:
         """Records one point of the stage's progress (an epoch, an iteration, a batch of rows).
@@ -163,9 +178,14 @@ class StageContext:
 class Component:
     """Base class of the stages a pipeline is built from (see the module docstring)."""
 
-    name: ClassVar[str]
     version: ClassVar[str] = "1"
     Config: ClassVar[type[StrictModel]]
+    #: The kind of artifact a stage publishes: ``dataset/<what>``, ``model/<family>``, ...;
+    #: consumers ask for inputs by kind. See :meth:`artifact_kind` for kinds known only at run.
+    produces: ClassVar[str]
+    #: Import path (``module:attribute``) of the family's :class:`components.contract.Trainable`
+    #: when the stage trains a model that can be searched, gated, compressed and served.
+    trainable: ClassVar[str | None] = None
     #: Whether ``resources`` are part of the cache key (false where they cannot change output).
     resources_affect_output: ClassVar[bool] = True
     #: CPUs the stage's own Ray task holds; work it starts (Train, Tune, tasks) asks for its own.
@@ -178,6 +198,11 @@ class Component:
         was edited in place is read again rather than served from cache.
         """
         return []
+
+    def artifact_kind(self, config: Any, ctx: StageContext) -> str:
+        """The kind of the artifact ``run`` just wrote (default: :attr:`produces`); a component
+        whose kind depends on its config or data (``data.prepare``) overrides this."""
+        return self.produces
 
     def run(self, ctx: StageContext, config: Any) -> dict[str, Any]:
         """Does the stage's work, writing files into ``ctx.out_dir``; returns metrics."""

@@ -1,33 +1,56 @@
-"""Which class implements each ``uses:`` name of a pipeline file.
+"""Which class implements each ``uses:`` name of a pipeline file: one line per name.
 
 Entries are import paths, imported on first use, so that listing or validating components
-never imports torch or RLlib. A name's first word is its folder under ``components/``.
+never imports torch or RLlib. A name's first word is its folder under ``components/``. A
+training component names its family's hooks itself (``Component.trainable``), so adding a model
+family is one folder and one line here.
+
+More components (a project's own, or the tests' engine exercisers) are registered by naming
+modules in ``RAYPIPE_COMPONENTS`` (comma-separated): each module's ``COMPONENTS`` dict is added
+to this one. Processes started from this one (Ray workers, job drivers) inherit the variable.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from functools import cache
+from typing import TYPE_CHECKING
 
-from components.api import Component
+if TYPE_CHECKING:
+    from components.api import Component
+    from components.contract import Mode, Trainable
 
 COMPONENTS: dict[str, str] = {
-    # Small components that exercise the engine in tests and benchmarks.
-    "test.sleep": "components.testing:Sleep",
-    "test.fail": "components.testing:Fail",
     "data.prepare": "components.data.prepare:Prepare",
     "vision.train": "components.vision.train:VisionTrain",
-    "rl.ddpg": "components.rl.stage:DDPGStage",
     "generative.vae": "components.generative.vae:VAEStage",
     "generative.gan": "components.generative.gan:GANStage",
+    "rl.ddpg": "components.rl.ddpg:DDPGStage",
     "tune.search": "components.tune.search:TuneSearch",
     "tune.evaluate": "components.tune.evaluate:TuneEvaluate",
 }
 
+PLUGINS_ENV = "RAYPIPE_COMPONENTS"
+
+
+@cache
+def _table() -> dict[str, str]:
+    table = dict(COMPONENTS)
+    for module in filter(None, os.environ.get(PLUGINS_ENV, "").split(",")):
+        try:
+            extra = importlib.import_module(module.strip()).COMPONENTS
+        except (ImportError, AttributeError) as e:
+            raise RuntimeError(
+                f"{PLUGINS_ENV} names {module.strip()!r}, which has no COMPONENTS: {e}"
+            ) from e
+        table.update(extra)
+    return table
+
 
 def names() -> list[str]:
     """Returns every registered component name, sorted."""
-    return sorted(COMPONENTS)
+    return sorted(_table())
 
 
 @cache
@@ -38,8 +61,41 @@ def get(name: str) -> type[Component]:
         KeyError: no component has that name (the message lists the known ones).
     """
     try:
-        target = COMPONENTS[name]
+        target = _table()[name]
     except KeyError:
         raise KeyError(f"unknown component {name!r}; known: {', '.join(names())}") from None
+    return _import(target)
+
+
+def trainable_names() -> list[str]:
+    """The components that train a model with family hooks (searchable, gateable), sorted."""
+    return [name for name in names() if get(name).trainable]
+
+
+@cache
+def trainable(name: str) -> Trainable:
+    """The hooks of the model family trained by component ``name``.
+
+    Raises:
+        KeyError: unknown component.
+        ValueError: the component trains no model with hooks (the message lists those that do).
+    """
+    path = get(name).trainable
+    if not path:
+        known = ", ".join(trainable_names())
+        raise ValueError(f"{name!r} cannot be tuned or gated; these can: {known}")
+    return _import(path)
+
+
+@cache
+def metric_modes() -> dict[str, Mode]:
+    """Every metric any family reports or is scored on, with the direction that is better."""
+    modes: dict[str, Mode] = {}
+    for name in trainable_names():
+        modes.update(trainable(name).metric_modes)
+    return modes
+
+
+def _import(target: str):
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)

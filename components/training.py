@@ -1,14 +1,16 @@
-"""Ray Train mechanics shared by every trainer (vision, VAE, GAN): written once, used by all.
+"""Ray Train mechanics shared by every trainer: written once, used by all.
 
-Inside the workers (a ``train_func``):
+Inside the workers (a ``train_func(config)``):
+    - :func:`loop_of`: the typed :class:`Loop` the stage (or a Tune trial) handed the workers.
     - :func:`device` and :func:`autocast`: where tensors live and bf16 on GPU.
     - :func:`restore`: the state saved by the last checkpoint, after a worker failure or a
       rerun of the stage (None on a fresh start).
     - :func:`report`: one call per epoch on every rank; rank 0 attaches the checkpoint.
     - :func:`all_reduce_sum`: sums metric counters over ranks.
+    - :func:`final_state`: the last checkpoint's state, with the run facts every trainer reports.
 In the stage (the driver of the training run):
     - :func:`fit`: builds the ``TorchTrainer`` from the stage's resources and settings, forwards
-      rank 0's per-epoch metrics as live progress, and returns the final checkpoint's state.
+      rank 0's per-epoch metrics as live progress, and returns a :class:`TrainResult`.
 
 A checkpoint is one ``state.pt`` holding only tensors and plain data, loaded with
 ``torch.load(weights_only=True)``: no pickled code ever runs on load.
@@ -21,12 +23,15 @@ import os
 import shutil
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from components.api import StageContext, StrictModel
+from components.contract import TrialData
 
 STATE_FILE = "state.pt"
+Settings = TypeVar("Settings", bound=StrictModel)
 
 
 class TrainSettings(StrictModel):
@@ -50,6 +55,74 @@ class TrainSettings(StrictModel):
     placement: Literal["pack", "spread"] = "pack"
     keep_checkpoints: int = 2
     cache_data: Literal["auto", "true", "false"] = "auto"
+
+
+@dataclass
+class Loop:
+    """What every worker's ``train_func`` gets, in the stage and in a Tune trial alike.
+
+    Ray Train hands a ``train_func`` a dict: it holds this object under ``"loop"``
+    (:func:`loop_of` takes it out).
+
+    Attributes:
+        config: the component's config as JSON (each worker validates it again).
+        data: the family's description of its data (``TrialData.spec``).
+        progress: a queue for live progress (rank 0 puts each epoch's metrics), or None.
+        trial: inside a Tune search, (trial id, the queue that takes the trial's placement
+            group); None in a stage.
+    """
+
+    config: dict[str, Any]
+    data: Any = None
+    progress: Any = None
+    trial: tuple[str, Any] | None = None
+
+    def settings(self, model: type[Settings]) -> Settings:
+        """The config, validated as the component's ``Config``."""
+        return model.model_validate(self.config)
+
+    def as_train_config(self) -> dict[str, Any]:
+        """The ``train_loop_config`` of a ``TorchTrainer`` running a ``train_func``."""
+        return {"loop": self}
+
+
+def loop_of(train_loop_config: dict[str, Any]) -> Loop:
+    """The :class:`Loop` inside a ``train_func``'s argument."""
+    return train_loop_config["loop"]
+
+
+@dataclass
+class TrainResult:
+    """The outcome of :func:`fit`: the final checkpoint's state and the run facts in it.
+
+    Attributes:
+        state: the final state the loop saved (the family's own keys: weights, test scores...).
+        history: the per-epoch metrics, in order.
+        resumed_from: the epoch a restart resumed at (None: never restarted).
+        world_size: the Train workers.
+        ranks: each rank's node, pid and parameter digest (see :func:`rank_fingerprints`).
+        use_gpu: whether the workers trained on GPUs.
+    """
+
+    state: dict[str, Any]
+    history: list[dict[str, Any]]
+    resumed_from: int | None
+    world_size: int
+    ranks: list[dict[str, Any]]
+    use_gpu: bool
+
+    def summary(self) -> dict[str, Any]:
+        """The run facts every trainer reports: epochs, resume, workers, throughput."""
+        return {
+            "epochs_run": len(self.history),
+            "resumed_from_epoch": self.resumed_from,
+            "workers": self.world_size,
+            "ranks": self.ranks,
+            "use_gpu": self.use_gpu,
+            "train/samples_per_s": self.history[-1]["train/samples_per_s"]
+            if self.history
+            else None,
+        }
 
 
 # --- inside the workers -------------------------------------------------------------------
@@ -193,18 +266,34 @@ def cpu_state_dict(model) -> dict[str, Any]:
     return {k: v.detach().to("cpu").clone() for k, v in unwrap(model).state_dict().items()}
 
 
+def final_state(snapshot: dict[str, Any], *models, **extra: Any) -> dict[str, Any]:
+    """The state of a run's last checkpoint: the loop's last ``snapshot`` (which holds
+    ``history`` and ``resumed_from``), the run facts :class:`TrainResult` reads (world size,
+    every rank's parameter digest of ``models``) and the family's ``extra`` (test scores...).
+
+    Every rank must call it (the digests are gathered from all ranks).
+    """
+    for key in ("history", "resumed_from"):
+        if key not in snapshot:
+            raise KeyError(f"a loop's snapshot must hold {key!r}")
+    return {
+        **snapshot,
+        **extra,
+        "world_size": world()[1],
+        "ranks": rank_fingerprints(*models),
+    }
+
+
 # --- in the stage -------------------------------------------------------------------------
 
 
 def fit(
     train_func: Any,
-    loop_config: dict[str, Any],
-    ctx: StageContext,
     settings: TrainSettings,
-    datasets: dict[str, Any],
+    ctx: StageContext,
+    data: TrialData,
     split: tuple[str, ...] = ("train",),
-    data_bytes: int | None = None,
-) -> dict[str, Any]:
+) -> TrainResult:
     """Runs a training function on Ray Train as the stage's resources say.
 
     Datasets named in ``split`` are sharded across the workers (equal shards); the others
@@ -214,8 +303,12 @@ def fit(
     same stage (after the driver died) resumes from the last checkpoint, as does a worker
     restart within the run (``settings.max_failures``).
 
-    Returns:
-        The state saved with the last checkpoint.
+    Args:
+        train_func: the family's per-worker loop (``train_func(config)``, see :class:`Loop`).
+        settings: the component's config (``TrainSettings`` and the family's own).
+        ctx: the stage context (resources, scratch directory, progress).
+        data: what the family's ``prepare`` read: datasets and the data's description.
+        split: datasets sharded across the workers.
 
     Raises:
         RuntimeError: the training run failed (the message carries the workers' error).
@@ -239,10 +332,11 @@ def fit(
     stop = threading.Event()
     forwarder = threading.Thread(target=_forward, args=(progress, ctx, stop), daemon=True)
     forwarder.start()
-    datasets = _maybe_cache(datasets, ctx, settings.cache_data, data_bytes)
+    datasets = _maybe_cache(data.datasets, ctx, settings.cache_data, data.data_bytes)
+    loop = Loop(config=settings.model_dump(mode="json"), data=data.spec, progress=progress)
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={**loop_config, "progress": progress},
+        train_loop_config=loop.as_train_config(),
         scaling_config=ScalingConfig(
             num_workers=resources.workers,
             use_gpu=use_gpu,
@@ -273,40 +367,15 @@ def fit(
         raise RuntimeError("training finished without a checkpoint")
     with result.checkpoint.as_directory() as path:
         state = load_state(Path(path))
-    state["use_gpu"] = use_gpu
-    return state
-
-
-def summary(state: dict[str, Any]) -> dict[str, Any]:
-    """The run facts every trainer reports from its final state: epochs, resume, workers."""
-    return {
-        "epochs_run": len(state["history"]),
-        "resumed_from_epoch": state["resumed_from"],
-        "workers": state["world_size"],
-        "ranks": state["ranks"],
-        "use_gpu": state["use_gpu"],
-        "train/samples_per_s": state["history"][-1]["train/samples_per_s"],
-    }
-
-
-def save_model(path: Path, weights, hparams, info, config, metrics, **extra: Any) -> None:
-    """Writes a trained model bundle: weights, architecture, the data's shape, classes and
-    normalization, the resolved config and the numeric metrics (tensors and plain data
-    only, so it loads with ``torch.load(weights_only=True)``)."""
-    import torch
-
-    torch.save(
-        {
-            **extra,
-            "model": weights,
-            "hparams": hparams,
-            "image_shape": list(info.image_shape),
-            "class_names": list(info.class_names),
-            "normalization": info.normalization,
-            "config": config.model_dump(mode="json"),
-            "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
-        },
-        path,
+    for point in state["history"]:
+        ctx.report(step=point["epoch"], **{k: v for k, v in point.items() if k != "epoch"})
+    return TrainResult(
+        state=state,
+        history=state["history"],
+        resumed_from=state["resumed_from"],
+        world_size=state["world_size"],
+        ranks=state["ranks"],
+        use_gpu=use_gpu,
     )
 
 

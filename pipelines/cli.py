@@ -14,7 +14,9 @@ from typing import Annotated, Any
 
 import typer
 
+from pipelines import record as record_mod
 from pipelines import spec as spec_mod
+from pipelines.record import Status
 
 app = typer.Typer(
     help="Run machine-learning pipelines, written as YAML, on Ray.",
@@ -149,7 +151,7 @@ def resume(
     from pipelines.store import Store
 
     try:
-        stages = list(engine.load_record(Store(storage), run_id).stages)
+        stages = list(record_mod.load_record(Store(storage), run_id).stages)
         output, context = _console(stages, quiet, verbose)
         with context:
             record = engine.resume_run(storage, run_id, address=address, **output)
@@ -167,10 +169,9 @@ def runs(
     ] = None,
 ) -> None:
     """Lists the runs in a storage root, newest last; `--pipeline` compares their metrics."""
-    from pipelines import engine
     from pipelines.store import Store
 
-    records = engine.list_records(Store(storage))
+    records = record_mod.list_records(Store(storage))
     if pipeline is not None:
         records = [r for r in records if r.pipeline == pipeline]
     if not records:
@@ -178,14 +179,14 @@ def runs(
         return
     if pipeline is None:
         for r in records:
-            done = sum(st["status"] == "succeeded" for st in r.stages.values())
+            done = len(r.with_status(Status.SUCCEEDED))
             typer.echo(f"{r.run_id}  {r.pipeline:<24} {r.status:<10} {done}/{len(r.stages)} stages")
         return
     # Side by side: one row per run, one column per numeric stage metric any run has.
     columns: list[tuple[str, str]] = []
     for r in records:
         for stage, st in r.stages.items():
-            for key, value in (st.get("metrics") or {}).items():
+            for key, value in st.metrics.items():
                 numeric = isinstance(value, int | float) and not isinstance(value, bool)
                 if numeric and _is_key_metric(key) and (stage, key) not in columns:
                     columns.append((stage, key))
@@ -194,7 +195,8 @@ def runs(
     for r in records:
         cells = [r.run_id, r.status]
         for stage, key in columns:
-            value = ((r.stages.get(stage) or {}).get("metrics") or {}).get(key)
+            entry = r.stages.get(stage)
+            value = entry.metrics.get(key) if entry is not None else None
             cells.append("" if value is None else f"{value:.4g}")
         rows.append(cells)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -215,11 +217,10 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="Print the run record as JSON.")] = False,
 ) -> None:
     """Shows one run: its stages, states, cache hits, times, metrics and errors."""
-    from pipelines import engine
     from pipelines.store import Store
 
     try:
-        record = engine.load_record(Store(storage), run_id)
+        record = record_mod.load_record(Store(storage), run_id)
     except FileNotFoundError as e:
         raise _fail(str(e)) from None
     if as_json:
@@ -227,15 +228,14 @@ def show(
         return
     typer.echo(f"run {record.run_id}  pipeline {record.pipeline}  status {record.status}")
     for name, st in record.stages.items():
-        cached = "cached" if st.get("cache_hit") else ""
-        secs = st.get("seconds")
-        took = f"{secs:.1f}s" if isinstance(secs, int | float) else ""
-        typer.echo(f"  {name:<16} {st['status']:<10} {cached:<7} {took:>8}  {st.get('uses')}")
-        metrics = {k: v for k, v in (st.get("metrics") or {}).items() if isinstance(v, int | float)}
+        cached = "cached" if st.cache_hit else ""
+        took = f"{st.seconds:.1f}s" if isinstance(st.seconds, int | float) else ""
+        typer.echo(f"  {name:<16} {st.status:<10} {cached:<7} {took:>8}  {st.uses}")
+        metrics = {k: v for k, v in st.metrics.items() if isinstance(v, int | float)}
         if metrics:
             typer.echo("      " + json.dumps(metrics)[:300])
-        if st.get("error"):
-            typer.echo(f"      error: {st['error']}")
+        if st.error:
+            typer.echo(f"      error: {st.error}")
     if record.error:
         typer.echo(f"error: {record.error}")
 
@@ -255,26 +255,34 @@ def report(
         raise _fail(str(e)) from None
 
 
-def _stage_artifact(storage: str, run_id: str, stage: str, component_prefix: str) -> Path:
-    """The local artifact directory of one stage of a run, checked to be the right kind."""
-    from pipelines import engine
+def _stage_model(storage: str, run_id: str, stage: str, capability: str, what: str) -> Any:
+    """The trained model of one stage of a run, built by the loader its bundle names, checked
+    to have ``capability`` (a method: ``sample_grid``, ``rollout``, ``generate``...)."""
+    from components.bundle import load_model
     from pipelines.store import Store
 
     try:
-        record = engine.load_record(Store(storage), run_id)
+        record = record_mod.load_record(Store(storage), run_id)
     except FileNotFoundError as e:
         raise _fail(str(e)) from None
     entry = record.stages.get(stage)
     if entry is None:
         raise _fail(f"run {run_id} has no stage {stage!r} (stages: {', '.join(record.stages)})")
-    if not entry.get("uses", "").startswith(component_prefix):
-        raise _fail(f"stage {stage!r} is a {entry.get('uses')} stage, not {component_prefix}*")
-    if entry.get("status") != "succeeded" or not entry.get("artifact"):
-        raise _fail(f"stage {stage!r} of run {run_id} has no artifact ({entry.get('status')})")
-    path = Path(entry["artifact"])
+    if entry.status != Status.SUCCEEDED or not entry.artifact:
+        raise _fail(f"stage {stage!r} of run {run_id} has no artifact ({entry.status})")
+    path = Path(entry.artifact)
     if not path.is_dir():
         raise _fail(f"the artifact of stage {stage!r} is not on this machine: {path}")
-    return path
+    try:
+        model = load_model(path)
+    except FileNotFoundError:
+        raise _fail(f"stage {stage!r} is a {entry.uses} stage, with no trained model") from None
+    if not hasattr(model, capability):
+        raise _fail(
+            f"stage {stage!r} is a {entry.uses} stage: its {model.bundle.kind} model does not "
+            f"{what}"
+        )
+    return model
 
 
 @app.command()
@@ -289,10 +297,8 @@ def rollout(
     storage: StorageOpt = DEFAULT_STORAGE,
 ) -> None:
     """Runs a trained policy on its own for some episodes and prints their returns."""
-    artifact = _stage_artifact(storage, run_id, stage, "rl.")
-    from components.rl.policy import rollout as run_policy
-
-    returns = run_policy(artifact, episodes=episodes, video=video, out=out)
+    policy = _stage_model(storage, run_id, stage, "rollout", "act in an env")
+    returns = policy.rollout(episodes=episodes, video=video, out=out)
     for i, value in enumerate(returns):
         typer.echo(f"episode {i}: return {value:.2f}")
     mean = sum(returns) / len(returns)
@@ -311,12 +317,10 @@ def sample(
     storage: StorageOpt = DEFAULT_STORAGE,
 ) -> None:
     """Draws samples from a trained VAE or GAN into a PNG grid; prints its path."""
-    artifact = _stage_artifact(storage, run_id, stage, "generative.")
-    from components.generative.sampling import sample_grid
-
+    model = _stage_model(storage, run_id, stage, "sample_grid", "draw samples")
     target = out or Path(f"{stage}-samples{'' if label is None else f'-label{label}'}.png")
     try:
-        typer.echo(sample_grid(artifact, n, label, target))
+        typer.echo(model.sample_grid(n, label, target))
     except ValueError as e:
         raise _fail(str(e)) from None
 

@@ -16,57 +16,40 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
-import functools
-import hashlib
 import json
 import os
 import re
 import secrets
-import shutil
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from components import registry
-from components.api import InputArtifact, Resources, StageContext
 from pipelines import spec as spec_mod
+from pipelines.record import (
+    PIPELINE_FILE,
+    RUN_FILE,
+    RecordWriter,
+    RunRecord,
+    StageEntry,
+    Status,
+    load_record,
+    progress_file,
+)
 from pipelines.spec import Pipeline
+from pipelines.stage_task import StageJob, remote_stage_task
 from pipelines.store import ArtifactInvalid, Store, digest_of
 
-PENDING, RUNNING, SUCCEEDED, FAILED, SKIPPED = (
-    "pending",
-    "running",
-    "succeeded",
-    "failed",
-    "skipped",
-)
-RUN_FILE, PIPELINE_FILE = "run.json", "pipeline.yaml"
-
-
-@functools.cache
-def code_version() -> str:
-    """The installed raypipe version (saved with every artifact)."""
-    try:
-        return metadata.version("raypipe")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+__all__ = ["PIPELINE_FILE", "RUN_FILE", "RunLocked", "RunRecord", "Runner", "load_record"]
 
 
 def new_run_id() -> str:
     """A sortable, unique run id: UTC time plus random hex."""
     return dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
-
-
-def stage_seed(pipeline_name: str, stage: str) -> int:
-    """A stable per-stage seed for components that are not given one."""
-    return int.from_bytes(hashlib.sha256(f"{pipeline_name}/{stage}".encode()).digest()[:4], "big")
 
 
 def default_tracking_uri(store: Store) -> str | None:
@@ -113,149 +96,6 @@ def source_fingerprint(paths: list[str]) -> list[Any]:
     return found
 
 
-# --- the stage task -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StageJob:
-    """Everything a stage task needs, as plain data (it is sent to a Ray worker)."""
-
-    run_id: str
-    pipeline: str
-    stage: str
-    component: str
-    config: dict[str, Any]
-    resources: dict[str, Any]
-    cache_key: str
-    storage: str
-    tracking_uri: str | None
-    inputs: dict[str, tuple[str, str]]  # stage -> (component, cache key)
-    replace: bool = False
-
-
-def execute_stage(job: StageJob) -> dict[str, Any]:
-    """Runs one stage and publishes its artifact; returns the artifact's manifest.
-
-    This is the body of the Ray task. The component writes into a fresh directory; only when
-    ``run`` returns is the directory checksummed and published, so a failure or a kill leaves
-    no artifact behind.
-    """
-    store = Store(job.storage)
-    component_cls = registry.get(job.component)
-    config = component_cls.Config.model_validate(job.config)
-    inputs = {}
-    for stage, (component, key) in job.inputs.items():
-        manifest = store.read_manifest(component, key)
-        if manifest is None:
-            raise ArtifactInvalid(f"input artifact of stage {stage!r} disappeared")
-        inputs[stage] = InputArtifact(
-            stage, store.local_artifact_dir(component, key, manifest), manifest
-        )
-    out_dir = store.new_output_dir(job.cache_key)
-    progress = _ProgressWriter(store, job.run_id, job.stage)
-    ctx = StageContext(
-        stage=job.stage,
-        run_id=job.run_id,
-        out_dir=out_dir,
-        scratch_dir=store.scratch(job.cache_key),
-        inputs=inputs,
-        resources=Resources.model_validate(job.resources),
-        tracking_uri=job.tracking_uri,
-        seed=stage_seed(job.pipeline, job.stage),
-        on_progress=progress,
-    )
-    started = time.time()
-    try:
-        metrics = component_cls().run(ctx, config) or {}
-        ctx.write_history()
-        finished = time.time()
-        manifest = {
-            "component": job.component,
-            "version": component_cls.version,
-            "cache_key": job.cache_key,
-            "stage": job.stage,
-            "run_id": job.run_id,
-            "config": job.config,
-            "resources": job.resources,
-            "inputs": {
-                s: {"component": inputs[s].component, "digest": inputs[s].manifest["digest"]}
-                for s in inputs
-            },
-            "metrics": _plain(metrics),
-            "timings": {"start": started, "end": finished, "seconds": finished - started},
-            "seed": ctx.seed,
-            "code_version": code_version(),
-            "host": os.uname().nodename,
-            "pid": os.getpid(),
-        }
-        if job.replace:
-            store.discard(job.component, job.cache_key)
-        published = store.publish(out_dir, job.component, job.cache_key, manifest)
-    except BaseException:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        raise
-    store.drop_scratch(job.cache_key)
-    return published
-
-
-class _LatestWriter:
-    """Writes snapshots on a background thread; when several queue up only the newest is
-    written. ``flush`` waits for the newest to be on disk; ``close`` also ends the thread."""
-
-    def __init__(self, write: Callable[[str], None]):
-        self._write = write
-        self._cv = threading.Condition()
-        self._pending: str | None = None
-        self._busy = False
-        self._closed = False
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="raypipe-record", daemon=True)
-        self._thread.start()
-
-    def put(self, text: str) -> None:
-        with self._cv:
-            if self._error is not None:
-                raise self._error
-            self._pending = text
-            self._cv.notify_all()
-
-    def flush(self) -> None:
-        with self._cv:
-            self._cv.wait_for(lambda: self._pending is None and not self._busy)
-            if self._error is not None:
-                raise self._error
-
-    def close(self) -> None:
-        self.flush()
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                self._cv.wait_for(lambda: self._pending is not None or self._closed)
-                if self._pending is None:
-                    return
-                text, self._pending, self._busy = self._pending, None, True
-            try:
-                self._write(text)
-            except BaseException as e:  # noqa: BLE001 - handed to the driver thread
-                self._error = e
-            with self._cv:
-                self._busy = False
-                self._cv.notify_all()
-
-
-@functools.cache
-def _stage_task() -> Any:
-    """``execute_stage`` as a Ray remote function, made once (exporting it costs ~10 ms)."""
-    import ray
-
-    return ray.remote(execute_stage)
-
-
 class RunLocked(RuntimeError):
     """A run is being driven by another live process."""
 
@@ -288,96 +128,6 @@ def driver_lock(store: Store, run_id: str):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-class _ProgressWriter:
-    """Appends a stage's progress points to ``runs/<id>/progress/<stage>.jsonl`` (local store)."""
-
-    def __init__(self, store: Store, run_id: str, stage: str):
-        self.path = Path(store.run_dir(run_id)) / "progress" / f"{stage}.jsonl"
-        self.enabled = store.is_local
-
-    def __call__(self, point: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(_plain(point), sort_keys=True) + "\n")
-
-
-def _plain(value: Any) -> Any:
-    """Converts numpy scalars and the like into JSON-friendly Python values."""
-    return json.loads(json.dumps(value, default=_json_default))
-
-
-def _json_default(value: Any) -> Any:
-    for attr in ("item", "tolist"):
-        if hasattr(value, attr):
-            return getattr(value, attr)()
-    return str(value)
-
-
-# --- the run record -----------------------------------------------------------------------
-
-
-@dataclass
-class RunRecord:
-    """What happened in one run; saved as ``runs/<run_id>/run.json``."""
-
-    run_id: str
-    pipeline: str
-    source: str
-    storage: str
-    tracking: str | None
-    overrides: list[str]
-    force: list[str]
-    status: str = RUNNING
-    created: float = field(default_factory=time.time)
-    updated: float = field(default_factory=time.time)
-    finished: float | None = None
-    resumed: int = 0
-    error: str | None = None
-    mlflow_run_id: str | None = None
-    tracking_error: str | None = None
-    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps(self.__dict__, sort_keys=True, default=str)
-
-    @classmethod
-    def from_json(cls, text: str) -> RunRecord:
-        data = json.loads(text)
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-
-    @property
-    def ok(self) -> bool:
-        return self.status == SUCCEEDED
-
-
-def load_record(store: Store, run_id: str) -> RunRecord:
-    """Reads a run record.
-
-    Raises:
-        FileNotFoundError: no run with that id in the store (the message names both).
-    """
-    try:
-        text = store.read_run_file(run_id, RUN_FILE)
-    except ValueError:
-        text = None
-    if text is None:
-        raise FileNotFoundError(f"no run {run_id!r} in storage {store.root}")
-    return RunRecord.from_json(text)
-
-
-def list_records(store: Store) -> list[RunRecord]:
-    """Every readable run record in the store, oldest first."""
-    records = []
-    for run_id in store.run_ids():
-        try:
-            records.append(load_record(store, run_id))
-        except (FileNotFoundError, json.JSONDecodeError, TypeError):
-            continue
-    return records
 
 
 # --- the driver ---------------------------------------------------------------------------
@@ -460,16 +210,15 @@ class Runner:
                 overrides=list(pipeline.overrides),
                 force=force,
                 stages={
-                    name: {"uses": pipeline.stages[name].uses, "status": PENDING}
-                    for name in pipeline.order
+                    name: StageEntry(uses=pipeline.stages[name].uses) for name in pipeline.order
                 },
             )
             self.forced = pipeline.descendants(set(force))
         else:
             record.resumed += 1
-            record.status, record.error, record.finished = RUNNING, None, None
+            record.status, record.error, record.finished = Status.RUNNING, None, None
             # Stages forced in the first attempt and already finished are not redone.
-            done = {s for s, st in record.stages.items() if st.get("status") == SUCCEEDED}
+            done = set(record.with_status(Status.SUCCEEDED))
             self.forced = pipeline.descendants(set(record.force)) - done
         self.record = record
         self.tracker = None
@@ -478,7 +227,7 @@ class Runner:
         self._started_ray = False
         self._progress_seen: dict[str, int] = {}
         self._t0 = time.time()
-        self._writer = _LatestWriter(
+        self._writer = RecordWriter(
             lambda text: self.store.write_run_file(self.run_id, RUN_FILE, text)
         )
 
@@ -521,7 +270,7 @@ class Runner:
         try:
             self._loop()
         except BaseException as e:
-            self.record.status = FAILED
+            self.record.status = Status.FAILED
             self.record.error = f"driver stopped: {type(e).__name__}: {e}"
             self.record.finished = time.time()
             self.save(wait=True)
@@ -529,11 +278,11 @@ class Runner:
         finally:
             self._stop_ray()
             self._writer.close()
-        failed = [s for s, st in self.record.stages.items() if st["status"] == FAILED]
-        self.record.status = FAILED if failed else SUCCEEDED
+        failed = self.record.with_status(Status.FAILED)
+        self.record.status = Status.FAILED if failed else Status.SUCCEEDED
         if failed:
             first = self.record.stages[failed[0]]
-            self.record.error = f"stage {failed[0]!r} failed: {first.get('error')}"
+            self.record.error = f"stage {failed[0]!r} failed: {first.error}"
         self.record.finished = time.time()
         self._tracked(lambda t: t.finish(self.record.status))
         self.store.write_run_file(self.run_id, RUN_FILE, self.record.to_json())
@@ -599,9 +348,9 @@ class Runner:
 
     def _loop(self) -> None:
         stages = self.record.stages
-        pending = [s for s in self.pipeline.order if stages[s]["status"] != SUCCEEDED]
+        pending = [s for s in self.pipeline.order if stages[s].status != Status.SUCCEEDED]
         for name in self.pipeline.order:
-            if stages[name]["status"] == SUCCEEDED:
+            if stages[name].status == Status.SUCCEEDED:
                 self._keep_completed(name, pending)
         running: dict[Any, str] = {}
         while True:
@@ -619,17 +368,29 @@ class Runner:
     def _keep_completed(self, name: str, pending: list[str]) -> None:
         """On resume: a stage that succeeded before keeps its artifact if it still verifies."""
         st = self.record.stages[name]
-        component, key = st["uses"], st.get("cache_key")
+        component, key = st.uses, st.cache_key
         try:
-            manifest = self.store.verify(component, key)
+            manifest = self._verified(component, key)
         except (ArtifactInvalid, TypeError) as e:
             self._say(name, f"completed before, but its artifact is unusable ({e}); recomputing")
-            st.update(status=PENDING, cache_hit=False)
+            st.mark_pending()
             pending.insert(0, name)
             pending.sort(key=self.pipeline.order.index)
             return
         self.digests[name], self.keys[name] = manifest["digest"], key
         self._say(name, "completed before the resume; kept")
+
+    def _verified(self, component: str, key: str | None) -> dict[str, Any]:
+        """The manifest of a published artifact whose every file checks out.
+
+        Raises:
+            ArtifactInvalid: missing, altered, or published before artifacts said their kind
+                (consumers find inputs by kind: such an artifact is computed again).
+        """
+        manifest = self.store.verify(component, key)
+        if "kind" not in manifest:
+            raise ArtifactInvalid("published before artifacts had kinds")
+        return manifest
 
     def _start_ready(self, pending: list[str], running: dict[Any, str]) -> None:
         progressed = True
@@ -637,16 +398,13 @@ class Runner:
             progressed = False
             for name in list(pending):
                 needs = self.pipeline.stages[name].needs
-                statuses = [self.record.stages[n]["status"] for n in needs]
-                if any(s in (FAILED, SKIPPED) for s in statuses):
-                    bad = next(
-                        n for n in needs if self.record.stages[n]["status"] in (FAILED, SKIPPED)
-                    )
-                    self.record.stages[name].update(
-                        status=SKIPPED, error=f"not run: stage {bad!r} did not succeed"
-                    )
+                statuses = [self.record.stages[n].status for n in needs]
+                unmet = (Status.FAILED, Status.SKIPPED)
+                if any(s in unmet for s in statuses):
+                    bad = next(n for n in needs if self.record.stages[n].status in unmet)
+                    self.record.stages[name].mark_skipped(f"not run: stage {bad!r} did not succeed")
                     self._say(name, f"skipped ({bad} did not succeed)")
-                elif all(s == SUCCEEDED for s in statuses):
+                elif all(s == Status.SUCCEEDED for s in statuses):
                     self._start(name, running)
                 else:
                     continue
@@ -672,34 +430,24 @@ class Runner:
         key = self._key_for(name)
         self.keys[name] = key
         st = self.record.stages[name]
-        st.update(cache_key=key, error=None, traceback=None)
+        st.mark_keyed(key)
         forced = name in self.forced
         if not forced:
             try:
-                manifest = self.store.verify(stage.uses, key)
+                manifest = self._verified(stage.uses, key)
             except ArtifactInvalid as e:
                 if self.store.read_manifest(stage.uses, key) is not None:
                     self._say(name, f"cached artifact is broken ({e}); recomputing")
-                    st["recomputed_because"] = str(e)
+                    st.recomputed_because = str(e)
                     self.store.discard(stage.uses, key)
             else:
-                now = time.time()
                 self.digests[name] = manifest["digest"]
-                st.update(
-                    status=SUCCEEDED,
-                    cache_hit=True,
-                    start=now,
-                    end=now,
-                    seconds=0.0,
-                    artifact=manifest["path"],
-                    metrics=manifest.get("metrics", {}),
-                )
+                st.mark_succeeded(manifest, cached=True)
                 self._say(name, "cached")
                 self._track_stage(name, manifest)
                 return
         running[self._launch(name, key, forced)] = name
-        st.update(status=RUNNING, cache_hit=False, start=time.time(), end=None)
-        st["attempts"] = st.get("attempts", 0) + 1
+        st.mark_running()
         self._say(name, "started" + (" (forced)" if forced else ""))
 
     def _launch(self, name: str, key: str, forced: bool) -> Any:
@@ -722,7 +470,7 @@ class Runner:
             inputs={n: (self.pipeline.stages[n].uses, self.keys[n]) for n in stage.needs},
             replace=forced,
         )
-        task = _stage_task().options(
+        task = remote_stage_task().options(
             num_cpus=registry.get(stage.uses).task_cpus,
             max_retries=0,
             name=f"raypipe:{self.pipeline.name}:{name}",
@@ -737,28 +485,21 @@ class Runner:
             manifest = ray.get(ref)
         except Exception as e:  # noqa: BLE001 - every stage failure is recorded, not raised
             message, trace = describe_failure(e)
-            st.update(status=FAILED, end=time.time(), error=message, traceback=trace)
+            st.mark_failed(message, trace)
             self._say(name, f"FAILED: {message}")
             self._track_stage(name, None)
         else:
             self.digests[name] = manifest["digest"]
-            timings = manifest["timings"]
-            st.update(
-                status=SUCCEEDED,
-                start=timings["start"],
-                end=timings["end"],
-                seconds=round(timings["seconds"], 3),
-                artifact=manifest["path"],
-                metrics=manifest.get("metrics", {}),
-            )
-            self._say(name, f"done in {timings['seconds']:.1f}s{_metric_summary(st['metrics'])}")
+            st.mark_succeeded(manifest, cached=False)
+            seconds = manifest["timings"]["seconds"]
+            self._say(name, f"done in {seconds:.1f}s{_metric_summary(st.metrics)}")
             self._track_stage(name, manifest)
 
     def _show_progress(self, names: Iterable[str]) -> None:
         if not self.store.is_local:
             return
         for name in names:
-            path = Path(self.store.run_dir(self.run_id)) / "progress" / f"{name}.jsonl"
+            path = progress_file(self.store, self.run_id, name)
             try:
                 lines = path.read_text().splitlines()
             except OSError:

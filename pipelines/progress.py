@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from pipelines.record import StageEntry
+
 _STYLE = {
     "pending": "dim",
     "running": "yellow",
@@ -42,19 +44,15 @@ class LiveTable:
         """Prints a line above the table (the run id, the report path)."""
         self.console.print(text, markup=False, highlight=False)
 
-    def stage(self, name: str, record: dict[str, Any], message: str) -> None:
+    def stage(self, name: str, entry: StageEntry, message: str) -> None:
         """Updates a stage's row from its run-record entry and the engine's message."""
         row = self.rows.setdefault(name, {})
         row.update(
-            status=record.get("status", "pending"),
-            cached=bool(record.get("cache_hit")),
-            start=record.get("start"),
-            seconds=record.get("seconds")
-            or (
-                record["end"] - record["start"]
-                if record.get("end") and record.get("start")
-                else None
-            ),
+            status=str(entry.status),
+            cached=entry.cache_hit,
+            start=entry.start,
+            seconds=entry.seconds
+            or (entry.end - entry.start if entry.end and entry.start else None),
             message=message,
         )
         if row["status"] == "failed":

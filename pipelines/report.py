@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipelines.engine import RUN_FILE, RunRecord, load_record
+from pipelines.record import RUN_FILE, RunRecord, StageEntry, load_record
 from pipelines.store import Store
 
 MAX_IMAGES_PER_STAGE = 6
@@ -57,14 +57,14 @@ pre {{ background: #f6f6f6; padding: .5em; overflow-x: auto; font-size: .8em; }}
 def _summary(record: RunRecord) -> str:
     rows = []
     for name, st in record.stages.items():
-        seconds = st.get("seconds")
+        seconds = st.seconds
         took = f"{seconds:.1f}s" if isinstance(seconds, int | float) else ""
         rows.append(
-            f"<tr><td>{_e(name)}</td><td>{_e(st.get('uses', ''))}</td>"
-            f"<td class='{_e(st['status'])}'>{_e(st['status'])}</td>"
-            f"<td>{'cached' if st.get('cache_hit') else ''}</td><td>{took}</td>"
-            f"<td>{_e(_key_metrics(st.get('metrics') or {}))}</td>"
-            f"<td>{_e(st.get('error') or '')}</td></tr>"
+            f"<tr><td>{_e(name)}</td><td>{_e(st.uses)}</td>"
+            f"<td class='{_e(st.status)}'>{_e(st.status)}</td>"
+            f"<td>{'cached' if st.cache_hit else ''}</td><td>{took}</td>"
+            f"<td>{_e(_key_metrics(st.metrics))}</td>"
+            f"<td>{_e(st.error or '')}</td></tr>"
         )
     status = f"<p>Status: <b class='{_e(record.status)}'>{_e(record.status)}</b>"
     if record.error:
@@ -87,19 +87,19 @@ def _key_metrics(metrics: dict[str, Any], limit: int = 4) -> str:
 
 
 def _timeline(record: RunRecord) -> str:
-    stages = [(n, st) for n, st in record.stages.items() if st.get("start")]
+    stages = [(n, st) for n, st in record.stages.items() if st.start]
     if not stages:
         return ""
     plt = _pyplot()
-    t0 = min(st["start"] for _, st in stages)
+    t0 = min(st.start for _, st in stages)
     fig, ax = plt.subplots(figsize=(9, 0.5 + 0.4 * len(stages)))
     for i, (name, st) in enumerate(reversed(stages)):
-        end = st.get("end") or st["start"]
-        width = max(end - st["start"], 0.05)
-        color = "#9ca3af" if st.get("cache_hit") else _COLORS.get(st["status"], "#a16207")
-        ax.barh(i, width, left=st["start"] - t0, color=color)
-        label = f"{name} (cached)" if st.get("cache_hit") else name
-        ax.text(st["start"] - t0, i, " " + label, va="center", fontsize=8)
+        end = st.end or st.start
+        width = max(end - st.start, 0.05)
+        color = "#9ca3af" if st.cache_hit else _COLORS.get(st.status, "#a16207")
+        ax.barh(i, width, left=st.start - t0, color=color)
+        label = f"{name} (cached)" if st.cache_hit else name
+        ax.text(st.start - t0, i, " " + label, va="center", fontsize=8)
     ax.set_yticks([])
     ax.set_xlabel("seconds since the first stage started")
     ax.set_title("timeline (grey: cached)")
@@ -109,16 +109,14 @@ def _timeline(record: RunRecord) -> str:
 _COLORS = {"succeeded": "#2563eb", "failed": "#dc2626", "running": "#d97706"}
 
 
-def _stage_section(name: str, st: dict[str, Any], store: Store) -> str:
-    artifact = st.get("artifact")
-    parts = [
-        f"<section id='stage-{_e(name)}'><h2>{_e(name)} <small>({_e(st['uses'])})</small></h2>"
-    ]
-    metrics = {k: v for k, v in (st.get("metrics") or {}).items() if not isinstance(v, list | dict)}
+def _stage_section(name: str, st: StageEntry, store: Store) -> str:
+    artifact = st.artifact
+    parts = [f"<section id='stage-{_e(name)}'><h2>{_e(name)} <small>({_e(st.uses)})</small></h2>"]
+    metrics = {k: v for k, v in st.metrics.items() if not isinstance(v, list | dict)}
     if metrics:
         parts.append(_table(metrics))
-    if st.get("error"):
-        parts.append(f"<pre>{_e(st.get('traceback') or st['error'])}</pre>")
+    if st.error:
+        parts.append(f"<pre>{_e(st.traceback or st.error)}</pre>")
     path = _local(artifact, store)
     if path is not None:
         dataset = path / "dataset.json"

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipelines.record import StageEntry, Status
+
 MAX_PARAM_CHARS = 6000
 MAX_STEP_METRICS = 20_000
 ARTIFACT_SUFFIXES = (".png", ".json")
@@ -71,7 +73,7 @@ class Tracker:
         self.client.log_batch(self.parent_id, params=params, tags=[RunTag("raypipe.kind", "run")])
         return self.parent_id
 
-    def stage(self, name: str, entry: dict[str, Any], manifest: dict[str, Any] | None) -> str:
+    def stage(self, name: str, entry: StageEntry, manifest: dict[str, Any] | None) -> str:
         """Logs one finished stage as a nested run; returns its MLflow id."""
         from mlflow.entities import Metric, Param, RunTag
 
@@ -81,9 +83,9 @@ class Tracker:
             tags={
                 "mlflow.parentRunId": self.parent_id or "",
                 "raypipe.stage": name,
-                "raypipe.component": entry.get("uses", ""),
-                "raypipe.cache_hit": str(bool(entry.get("cache_hit"))).lower(),
-                "raypipe.status": entry["status"],
+                "raypipe.component": entry.uses,
+                "raypipe.cache_hit": str(entry.cache_hit).lower(),
+                "raypipe.status": str(entry.status),
             },
         )
         child = run.info.run_id
@@ -98,14 +100,14 @@ class Tracker:
                 RunTag("raypipe.component_version", str(manifest.get("version", ""))),
             ]
         now = int(time.time() * 1000)
-        for key, value in (entry.get("metrics") or {}).items():
+        for key, value in entry.metrics.items():
             if _number(value):
                 metrics.append(Metric(key, float(value), now, 0))
-        artifact_dir = Path(entry["artifact"]) if entry.get("artifact") else None
+        artifact_dir = Path(entry.artifact) if entry.artifact else None
         if artifact_dir is not None and (artifact_dir / "history.jsonl").is_file():
             metrics += _history_metrics(artifact_dir / "history.jsonl")
-        if entry.get("error"):
-            tags.append(RunTag("raypipe.error", str(entry["error"])[:5000]))
+        if entry.error:
+            tags.append(RunTag("raypipe.error", entry.error[:5000]))
         # log_batch takes at most 100 params, 1000 metrics and 100 tags a call.
         for chunk in _chunks(params, 100):
             self.client.log_batch(child, params=chunk)
@@ -114,19 +116,19 @@ class Tracker:
         self.client.log_batch(child, tags=tags)
         # A cached stage's files were logged by the run that computed them (tag
         # raypipe.artifact points at them): copying them again on every rerun is waste.
-        if artifact_dir is not None and artifact_dir.is_dir() and not entry.get("cache_hit"):
+        if artifact_dir is not None and artifact_dir.is_dir() and not entry.cache_hit:
             for path in sorted(artifact_dir.rglob("*")):
                 small = path.is_file() and path.stat().st_size <= ARTIFACT_MAX_BYTES
                 if small and path.suffix in ARTIFACT_SUFFIXES:
                     rel = path.parent.relative_to(artifact_dir).as_posix()
                     self.client.log_artifact(child, str(path), None if rel == "." else rel)
-        status = {"succeeded": "FINISHED", "failed": "FAILED"}.get(entry["status"], "KILLED")
+        status = {Status.SUCCEEDED: "FINISHED", Status.FAILED: "FAILED"}.get(entry.status, "KILLED")
         self.client.set_terminated(child, status=status)
         return child
 
     def finish(self, status: str) -> None:
         if self.parent_id is not None:
-            state = "FINISHED" if status == "succeeded" else "FAILED"
+            state = "FINISHED" if status == Status.SUCCEEDED else "FAILED"
             self.client.set_terminated(self.parent_id, status=state)
 
 

@@ -9,10 +9,6 @@ def run_ok(pipeline, **kwargs):
     """Runs ``pipeline`` (a loaded ``spec.Pipeline``) and returns its record; fails the test,
     with each failed stage's traceback, unless every stage succeeded."""
     record = engine.run_pipeline(pipeline, printer=lambda _line: None, **kwargs)
-    failed = {
-        name: s.get("traceback") or s.get("error")
-        for name, s in record.stages.items()
-        if s.get("error")
-    }
+    failed = {name: s.traceback or s.error for name, s in record.stages.items() if s.error}
     assert record.ok, f"{record.error}\n{failed}"
     return record

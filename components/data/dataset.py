@@ -62,6 +62,52 @@ class DatasetInfo:
         return [self.path / p for p in self.splits[split]["shards"]]
 
 
+@dataclass(frozen=True)
+class ImageSpec:
+    """What a model of images needs to know of its data, in every worker (picklable).
+
+    Attributes:
+        image_shape: (C, H, W).
+        num_classes: labels are ints in ``[0, num_classes)``.
+        class_names: a name per label.
+        normalization: as in :class:`DatasetInfo` (``shift``/``divisor`` per channel...).
+    """
+
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    class_names: list[str]
+    normalization: dict[str, Any]
+
+    @classmethod
+    def of(cls, info: DatasetInfo) -> ImageSpec:
+        return cls(
+            tuple(info.image_shape), info.num_classes, list(info.class_names), info.normalization
+        )
+
+    def input_spec(self) -> dict[str, Any]:
+        """The bundle input spec of a model taking these images (``components/bundle.py``)."""
+        return {
+            "type": "image",
+            "shape": list(self.image_shape),
+            "dtype": "float32",
+            "normalization": self.normalization,
+        }
+
+
+def read_image_dataset(artifact, component: str) -> DatasetInfo:
+    """The :class:`DatasetInfo` of an input artifact that must hold images.
+
+    Raises:
+        ValueError: the artifact is another kind of dataset (names its stage and kind).
+    """
+    info = load_dataset_info(artifact.path)
+    if info.kind != "image":
+        raise ValueError(
+            f"{component} needs an image dataset; stage {artifact.stage!r} produced {info.kind}"
+        )
+    return info
+
+
 def load_dataset_info(artifact_dir: str | Path) -> DatasetInfo:
     """Reads ``dataset.json`` of a ``data.prepare`` artifact.
 

@@ -43,9 +43,9 @@ class RejectedRowsError(ValueError):
 class Prepare(Component):
     """Cleans, splits, normalizes and augments a source into Parquet shards (see module doc)."""
 
-    name = "data.prepare"
     version = "1"
     Config = PrepareConfig
+    produces = "dataset"  # dataset/image or dataset/tabular: see artifact_kind
     resources_affect_output = False
 
     def source_paths(self, config: PrepareConfig) -> list[str]:
@@ -53,6 +53,11 @@ class Prepare(Component):
 
     def run(self, ctx: StageContext, config: PrepareConfig) -> dict[str, Any]:
         return prepare(config, ctx.out_dir, report=ctx.report)
+
+    def artifact_kind(self, config: PrepareConfig, ctx: StageContext) -> str:
+        """``dataset/image`` or ``dataset/tabular``, as the source turned out."""
+        kind = json.loads((ctx.out_dir / DATASET_FILE).read_text())["kind"]
+        return f"dataset/{kind}"
 
 
 def source_paths(source: Any) -> list[str]:

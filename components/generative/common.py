@@ -1,20 +1,23 @@
-"""What ``generative.vae`` and ``generative.gan`` share: their common settings, the worker-side
-data (a shard held in memory as pixels), per-epoch sample grids, and the stage driver (fit on
-Ray Train, write grids, score samples with the classifier, export).
+"""What ``generative.vae`` and ``generative.gan`` share: their common settings, the data every
+worker gets, the worker-side data (a shard held in memory as pixels), per-epoch sample grids,
+and the stage driver (fit on Ray Train, write grids, score samples with the classifier, export).
 
 Ray Train mechanics (device, precision, checkpoint, resume, report) are in
-``components/training.py``; the networks are in ``models.py``.
+``components/training.py``; the networks are in ``models.py``; reading inputs, exporting and
+scoring a model are the family's hooks in ``tuning.py``.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import Field
 
 from components.api import StageContext
+from components.contract import TrialData
 from components.training import TrainSettings
 
 
@@ -42,6 +45,20 @@ class GenerativeSettings(TrainSettings):
     eval_per_label: int = Field(100, ge=1)
 
 
+@dataclass(frozen=True)
+class GenerativeSpec:
+    """What every worker of a generative model gets (``training.Loop.data``).
+
+    Attributes:
+        image: the images' ``ImageSpec`` (shape, classes, normalization).
+        classifier: the bundle (in memory) of the ``model/classifier`` whose features score
+            samples, or None (a VAE search without one).
+    """
+
+    image: Any
+    classifier: Any = None
+
+
 # --- inside the workers -------------------------------------------------------------------
 
 
@@ -59,14 +76,13 @@ class WorkerData:
         self.splits, self.shift, self.divisor, self.dev = splits, shift, divisor, dev
 
     @classmethod
-    def from_shards(
-        cls, loop: dict[str, Any], dev, splits: tuple[str, ...] = ("train",)
-    ) -> WorkerData:
-        """Reads this worker's Ray Train dataset shards (``loop`` holds the normalization)."""
+    def from_shards(cls, spec, dev, splits: tuple[str, ...] = ("train",)) -> WorkerData:
+        """Reads this worker's Ray Train dataset shards (``spec``: the data's ``ImageSpec``)."""
         import ray.train
         import torch
 
-        shift, divisor = _normalization(loop["shift"], loop["divisor"], dev)
+        norm = spec.normalization
+        shift, divisor = _normalization(norm["shift"], norm["divisor"], dev)
         held: dict[str, tuple[Any, Any]] = {}
         for split in splits:
             xs, ys = [], []
@@ -107,15 +123,12 @@ class WorkerData:
             yield x[idx], y[idx]
 
 
-def build_sampler(kind: str, cfg: GenerativeSettings, image_shape, num_classes: int):
-    """The network that draws samples, as a config describes it: the VAE (``vae``) or the
-    generator (``gan``), conditional on ``num_classes`` labels if ``cfg.conditional``."""
-    from components.generative.models import VAE, Generator
-
-    c, h, w = image_shape
-    cls = VAE if kind == "vae" else Generator
-    classes = num_classes if cfg.conditional else 0
-    return cls(c, (h, w), cfg.latent_dim, cfg.width, cfg.depth, classes)
+def build_sampler(network, cfg: GenerativeSettings, spec):
+    """The network that draws samples (``VAE`` or ``Generator``) as a config describes it, for
+    images of ``spec``; conditional on its labels if ``cfg.conditional``."""
+    c, h, w = spec.image_shape
+    classes = spec.num_classes if cfg.conditional else 0
+    return network(c, (h, w), cfg.latent_dim, cfg.width, cfg.depth, classes)
 
 
 def _normalization(shift: list[float], divisor: list[float], dev):
@@ -141,107 +154,213 @@ def grid_inputs(cfg: GenerativeSettings, num_classes: int, dev):
     return z, labels
 
 
-# --- the stage ----------------------------------------------------------------------------
+# --- the family: data, bundle, scores (the stage's, and tuning.py's) ----------------------
 
 
-def run_stage(
-    ctx: StageContext,
-    config: GenerativeSettings,
-    kind: str,
-    train_func: Callable[[dict[str, Any]], None],
-    splits: tuple[str, ...],
-) -> dict[str, Any]:
-    """Trains a generative model on Ray Train, then scores and exports it.
+@dataclass(frozen=True)
+class Family:
+    """What tells the VAE and the GAN apart, for the functions both share (each of ``vae.py``
+    and ``gan.py`` defines its own ``FAMILY``).
 
-    The stage needs a ``data.*`` stage (an image dataset) and a ``vision.*`` stage (the
-    classifier whose features the Frechet distance uses), named in ``needs``.
+    Attributes:
+        component: the ``uses:`` name.
+        kind: the artifact kind of its model (``model/vae``).
+        loader: the bundle's loader (``module:function``).
+        Config: the component's config model.
+        train_func: its Ray Train per-worker loop.
+        network: returns the sampling network's class (imported when called: torch).
+        splits: the splits the workers read (``train`` is sharded, the others whole).
+        needs_classifier: whether a search or gate needs a ``model/classifier`` (a GAN is
+            ranked and gated by the Frechet distance of its samples in its features).
+        elbo: the test-split ELBO evaluation of a likelihood model (the VAE), or None.
+    """
+
+    component: str
+    kind: str
+    loader: str
+    Config: type
+    train_func: Callable[[dict[str, Any]], None]
+    network: Callable[[], type]
+    splits: tuple[str, ...]
+    needs_classifier: bool
+    elbo: Callable[..., dict[str, float]] | None = None
+
+
+def prepare(ctx: StageContext, family: Family, classifier_required: bool) -> TrialData:
+    """The image dataset in ``needs:`` (the family's splits, read lazily) and the classifier
+    that scores samples, if one is in ``needs:`` (in memory, for workers anywhere).
+
+    Raises:
+        ValueError: not an image dataset; a classifier required but absent, more than one, or
+            one that takes other images (each names the stage).
+    """
+    from components.bundle import read_bundle
+    from components.data.dataset import ImageSpec, read_image_dataset, read_split
+
+    data = ctx.input("dataset")
+    info = read_image_dataset(data, family.component)
+    spec = ImageSpec.of(info)
+    found = ctx.inputs_of("model/classifier")
+    if len(found) > 1:
+        raise ValueError(f"stage {ctx.stage!r} needs at most one classifier in `needs:`")
+    if not found and classifier_required:
+        raise ValueError(
+            f"{family.component} is scored by the Frechet distance of its samples in a "
+            f"classifier's features: stage {ctx.stage!r} needs a vision.train stage in `needs:`"
+        )
+    classifier = None
+    if found:
+        classifier = read_bundle(found[0].path)
+        if list(classifier.input["shape"]) != list(spec.image_shape):
+            raise ValueError(
+                f"classifier of stage {found[0].stage!r} takes images "
+                f"{classifier.input['shape']}, the data of stage {data.stage!r} has "
+                f"{list(spec.image_shape)}"
+            )
+        classifier = classifier.in_memory()
+    return TrialData(
+        # Materialized up front (``cache_data`` aside): the workers hold their data in memory
+        # anyway, and a stream would need a free CPU while they train, which a sibling
+        # training stage (the VAE beside the GAN) may hold on a small cluster: both would wait.
+        datasets={split: read_split(data.path, split).materialize() for split in family.splits},
+        spec=GenerativeSpec(spec, classifier),
+        data_dir=data.path,
+        data_stage=data.stage,
+        extra={"classifier_stage": found[0].stage if found else None},
+    )
+
+
+def describe(family: Family, hparams: dict, spec, config, metrics: dict):
+    """The bundle of a family's sampling network for images of ``spec`` (no weights yet)."""
+    from components.bundle import Bundle
+
+    classes = spec.num_classes if hparams.get("num_classes") else 0
+    return Bundle(
+        component=family.component,
+        kind=family.kind,
+        loader=family.loader,
+        input={"type": "latent", "latent_dim": config.latent_dim, "num_classes": classes},
+        output={"type": "image", "shape": list(spec.image_shape), "range": [0, 1]},
+        labels=list(spec.class_names) if classes else None,
+        hparams=hparams,
+        config=config.model_dump(mode="json"),
+        metrics=metrics,
+        meta={"normalization": spec.normalization},
+    )
+
+
+def save(out_dir, family: Family, weights, hparams: dict, spec, config, metrics: dict) -> None:
+    """Writes the model bundle (``bundle.json``, ``weights.pt``) into ``out_dir``."""
+    from components.bundle import save_bundle
+
+    save_bundle(out_dir, describe(family, hparams, spec, config, metrics), {"model": weights})
+
+
+def test_scores(family: Family, model, config, spec, data_dir, classifier=None) -> dict:
+    """Scores of a loaded VAE or generator (``sampling.Sampler``) on the test split of a data
+    artifact: what the stage reports, a search exports and a gate decides on.
 
     Args:
-        ctx: the stage context.
-        config: the stage's config.
-        kind: ``vae`` or ``gan`` (what ``model.pt`` holds).
-        train_func: the per-worker loop; its final checkpoint state holds ``model`` and
-            ``initial`` (the sampler's weights after and before training), ``hparams``,
-            ``history``, ``grids``, ``final`` metrics, ``ranks``, ``world_size``,
-            ``resumed_from``. Its loop config carries the classifier (``hparams``, ``model``)
-            for per-epoch sample scores.
-        splits: the splits the workers read (``train`` is sharded, the others whole).
+        family: the model's family.
+        model: the loaded model.
+        config: its config (``VAEConfig``/``GANConfig``).
+        spec: the ``ImageSpec`` of the data artifact at ``data_dir``.
+        data_dir: the data artifact.
+        classifier: the bundle of a ``model/classifier``, or None.
 
     Returns:
-        The stage's metrics.
+        ``test/elbo``, ``test/recon``, ``test/kl`` (a VAE: per image, beta = 1);
+        ``test/fd_classifier`` (with a classifier: as many samples as test images) and
+        ``test/cond_accuracy`` (conditional models, with a classifier).
     """
     import numpy as np
     import torch
 
+    from components.data.dataset import load_numpy
+    from components.generative.metrics import SampleDistance, conditional_accuracy
+
+    dev = torch.device("cpu")
+    data = WorkerData.from_arrays({"test": load_numpy(data_dir, "test")}, spec, dev)
+    network = model.module
+    metrics: dict[str, float] = {}
+    if family.elbo is not None:
+        elbo = family.elbo(network, data, "test", config, dev)
+        metrics.update({f"test/{k}": v for k, v in elbo.items()})
+    if classifier is None:
+        return metrics
+    real = data.splits["test"][0]
+    probe = SampleDistance(classifier, real, data.shift, data.divisor, seed=config.seed + 5)
+    metrics["test/fd_classifier"] = probe(network)
+    if network.num_classes:
+
+        def draw(labels):
+            with torch.no_grad():
+                return network.sample(len(labels), labels).numpy()
+
+        per_class = conditional_accuracy(probe.classifier, spec, draw, config.eval_per_label)
+        metrics["test/cond_accuracy"] = float(np.mean(per_class))
+    return metrics
+
+
+# --- the stage ----------------------------------------------------------------------------
+
+
+def run_stage(ctx: StageContext, config: GenerativeSettings, family: Family) -> dict[str, Any]:
+    """Trains a generative model on Ray Train, then scores and exports it.
+
+    The stage needs an image dataset and a classifier (a ``vision.train`` stage, whose
+    features the Frechet distance uses), named in ``needs``. The final checkpoint of the
+    family's ``train_func`` holds ``model`` and ``initial`` (the sampler's weights after and
+    before training), ``hparams``, ``history``, ``grids`` and ``final`` metrics.
+
+    Returns:
+        The stage's metrics: the training run's, the samples' ``eval/*`` scores against the
+        test images (and the untrained network's, noise's and real images' for scale), and the
+        ``test/*`` scores a gate would give the exported model.
+    """
+    from dataclasses import replace
+
+    import numpy as np
+    import torch
+
     from components import training
-    from components.data.dataset import load_dataset_info, load_numpy, read_split
+    from components.data.dataset import load_numpy
     from components.generative import sampling
     from components.generative.metrics import score_samples
-    from components.generative.models import VAE, Generator, check_image_size
-    from components.vision.train import load_classifier
+    from components.generative.models import check_image_size
 
-    data, vision = ctx.input("data."), ctx.input("vision.")
-    info = load_dataset_info(data.path)
-    if info.kind != "image":
-        raise ValueError(
-            f"generative.{kind} needs an image dataset; stage {data.stage!r} produced {info.kind}"
-        )
-    check_image_size(info.image_shape[1:], config.depth)
-    classifier, bundle = load_classifier(vision.path)
-    if list(bundle["image_shape"]) != list(info.image_shape):
-        raise ValueError(
-            f"classifier of stage {vision.stage!r} takes images {bundle['image_shape']}, "
-            f"the data of stage {data.stage!r} has {list(info.image_shape)}"
-        )
-
-    state = training.fit(
-        train_func,
-        {
-            "config": config.model_dump(mode="json"),
-            "image_shape": list(info.image_shape),
-            "num_classes": info.num_classes,
-            "shift": list(info.normalization["shift"]),
-            "divisor": list(info.normalization["divisor"]),
-            "classifier": {"hparams": bundle["hparams"], "model": bundle["model"]},
-        },
-        ctx,
-        config,
-        # Materialized up front: the workers hold their data in memory anyway, and a stream
-        # would need a free CPU while they train, which a sibling training stage (the VAE
-        # beside the GAN) may hold on a small cluster: both would wait forever.
-        {split: read_split(data.path, split).materialize() for split in splits},
-    )
-    for point in state["history"]:
-        ctx.report(step=point["epoch"], **{k: v for k, v in point.items() if k != "epoch"})
+    data = prepare(ctx, family, classifier_required=True)
+    spec, classifier_bundle = data.spec.image, data.spec.classifier
+    check_image_size(spec.image_shape[1:], config.depth)
+    result = training.fit(family.train_func, config, ctx, data)
+    state = result.state
     for epoch, pixels in state["grids"]:
         sampling.save_grid(
             pixels.float().numpy() / 255, ctx.out_dir / f"samples/epoch_{epoch:03d}.png"
         )
 
-    cls = VAE if kind == "vae" else Generator
-    trained, initial = cls.from_hparams(state["hparams"]), cls.from_hparams(state["hparams"])
-    trained.load_state_dict(state["model"])
-    initial.load_state_dict(state["initial"])
-    trained.eval()
-    initial.eval()
+    bundle = describe(family, state["hparams"], spec, config, {})
+    trained = replace(bundle, tensors={"model": state["model"]}).load()
+    initial = replace(bundle, tensors={"model": state["initial"]}).load()
+    classifier = classifier_bundle.load()
     torch.manual_seed(config.seed)
-    real_test, _ = load_numpy(data.path, "test")
-    reference = _train_originals(data.path)
+    real_test, _ = load_numpy(data.data_dir, "test")
+    reference = _train_originals(data.data_dir)
     reference = reference[np.random.default_rng(config.seed).permutation(len(reference))]
 
     def sampler(model) -> Callable[[int], Any]:
         def draw(n: int):
-            return sampling.generate(model, n, None, seed=config.seed + 1)
+            return model.sample(n, None, seed=config.seed + 1)
 
         return draw
 
     def conditional(labels):
         with torch.no_grad():
-            return trained.sample(len(labels), labels).numpy()
+            return trained.module.sample(len(labels), labels).numpy()
 
     scores = score_samples(
         classifier,
-        info,
+        spec,
         real_test,
         reference,
         {"": sampler(trained), "init": sampler(initial)},
@@ -249,17 +368,15 @@ def run_stage(
         per_label=config.eval_per_label,
         seed=config.seed,
     )
-    sampling.save_grid(
-        sampling.generate(trained, config.grid_samples, None, seed=config.seed),
-        ctx.out_dir / "samples.png",
-    )
+    trained.sample_grid(config.grid_samples, None, ctx.out_dir / "samples.png", seed=config.seed)
     metrics = {
         **state["final"],
         **scores,
-        **training.summary(state),
-        "classifier_stage": vision.stage,
+        **test_scores(family, trained, config, spec, data.data_dir, classifier_bundle),
+        **result.summary(),
+        "classifier_stage": data.extra["classifier_stage"],
     }
-    sampling.export(ctx.out_dir, kind, state["model"], state["hparams"], info, config, metrics)
+    save(ctx.out_dir, family, state["model"], state["hparams"], spec, config, metrics)
     plain = {k: v for k, v in metrics.items() if isinstance(v, int | float | str | list)}
     (ctx.out_dir / "metrics.json").write_text(
         json.dumps({k: v for k, v in plain.items() if k != "ranks"}, indent=1, sort_keys=True)

@@ -25,7 +25,9 @@ from typing import Any, Literal
 from pydantic import Field
 
 from components.api import Component, StageContext
-from components.generative.common import GenerativeSettings
+from components.generative.common import Family, GenerativeSettings
+
+SPLITS = ("train", "val")  # val: the per-epoch sample distance (rank 0, with a classifier)
 
 
 class GANConfig(GenerativeSettings):
@@ -52,12 +54,19 @@ class GANConfig(GenerativeSettings):
 # --- the per-worker loop ------------------------------------------------------------------
 
 
-def train_func(loop: dict[str, Any]) -> None:
+def network():
+    """The generator class (imported on call: torch)."""
+    from components.generative.models import Generator
+
+    return Generator
+
+
+def train_func(config: dict[str, Any]) -> None:
     """Trains G and D on this worker's shard of ``train`` (see the module docstring for the
-    step). ``loop`` holds ``config``, ``image_shape``, ``num_classes``, ``shift``/``divisor``
-    and ``progress``; with a ``classifier`` (its ``hparams`` and ``model`` weights), rank 0
-    also reports ``val/fd_classifier`` every epoch: the Frechet distance of samples to the
-    validation images (what a search over GANs ranks by)."""
+    step). ``config`` holds the ``training.Loop``: this component's config and the data's
+    ``GenerativeSpec``; with a classifier there, rank 0 also reports ``val/fd_classifier``
+    every epoch: the Frechet distance of samples to the validation images (what a search over
+    GANs ranks by)."""
     import ray.train
     import torch
 
@@ -67,25 +76,27 @@ def train_func(loop: dict[str, Any]) -> None:
     from components.generative.models import Discriminator
     from components.generative.sampling import to_uint8
 
-    cfg = GANConfig.model_validate(loop["config"])
+    loop = training.loop_of(config)
+    cfg = loop.settings(GANConfig)
+    spec = loop.data.image
     dev = training.device()
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    c, h, w = loop["image_shape"]
-    classes = loop["num_classes"] if cfg.conditional else 0
-    G = build_sampler("gan", cfg, loop["image_shape"], loop["num_classes"]).to(dev)
+    c, h, w = spec.image_shape
+    classes = spec.num_classes if cfg.conditional else 0
+    G = build_sampler(network(), cfg, spec).to(dev)
     D = Discriminator(
         c, (h, w), cfg.d_width or cfg.width, cfg.depth, classes, cfg.spectral_norm
     ).to(dev)
     opt_g = torch.optim.Adam(G.parameters(), cfg.lr_g, betas=cfg.betas)
     opt_d = torch.optim.Adam(D.parameters(), cfg.lr_d, betas=cfg.betas)
-    probe = loop.get("classifier") is not None and training.world()[0] == 0
-    data = WorkerData.from_shards(loop, dev, ("train", "val") if probe else ("train",))
+    probe = loop.data.classifier is not None and training.world()[0] == 0
+    data = WorkerData.from_shards(spec, dev, SPLITS if probe else ("train",))
     val_fd = None
     if probe:
         val_fd = SampleDistance(
-            loop["classifier"], data.splits["val"][0], data.shift, data.divisor, cfg.seed + 3
+            loop.data.classifier, data.splits["val"][0], data.shift, data.divisor, cfg.seed + 3
         )
-    grid_z, grid_labels = grid_inputs(cfg, loop["num_classes"], dev)
+    grid_z, grid_labels = grid_inputs(cfg, spec.num_classes, dev)
 
     state = training.restore()
     if state is None:
@@ -151,16 +162,15 @@ def train_func(loop: dict[str, Any]) -> None:
         if val_fd is not None:
             metrics["val/fd_classifier"] = val_fd(generator)
         history.append(metrics)
-        training.report(metrics, snapshot(epoch), loop.get("progress"))
+        training.report(metrics, snapshot(epoch), loop.progress)
 
-    ranks = training.rank_fingerprints(G, D)
-    final = {
-        **snapshot(max(epoch, start_epoch - 1)),
-        "hparams": training.unwrap(G).hparams,
-        "final": {"train/d_loss": history[-1]["train/d_loss"] if history else None},
-        "world_size": training.world()[1],
-        "ranks": ranks,
-    }
+    final = training.final_state(
+        snapshot(max(epoch, start_epoch - 1)),
+        G,
+        D,
+        hparams=training.unwrap(G).hparams,
+        final={"train/d_loss": history[-1]["train/d_loss"] if history else None},
+    )
     training.report({"epoch": epoch}, final)
 
 
@@ -217,11 +227,24 @@ class GANStage(Component):
     """Trains a DCGAN-style GAN on a prepared image dataset (Ray Train, DDP on both networks)
     and scores its samples with the classifier of a ``vision.train`` stage."""
 
-    name = "generative.gan"
-    version = "1"
+    version = "2"  # 2: the model bundle (bundle.json + weights.pt)
     Config = GANConfig
+    produces = "model/gan"
+    trainable = "components.generative.tuning:GAN"
 
     def run(self, ctx: StageContext, config: GANConfig) -> dict[str, Any]:
         from components.generative.common import run_stage
 
-        return run_stage(ctx, config, "gan", train_func, ("train", "val"))
+        return run_stage(ctx, config, FAMILY)
+
+
+FAMILY = Family(
+    component="generative.gan",
+    kind=GANStage.produces,
+    loader="components.generative.sampling:load_gan",
+    Config=GANConfig,
+    train_func=train_func,
+    network=network,
+    splits=SPLITS,
+    needs_classifier=True,  # no likelihood: ranked and gated by its samples' distance
+)

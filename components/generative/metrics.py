@@ -49,11 +49,11 @@ def frechet_distance_of(features1: np.ndarray, features2: np.ndarray) -> float:
 
 
 def classifier_features(model, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Penultimate features (``model.features``) of normalized (N, C, H, W) images."""
+    """Penultimate features (``model.features``) of normalized (N, C, H, W) images, from a
+    loaded ``model/classifier`` (``components.bundle.load_model``)."""
     import torch
 
     x = torch.as_tensor(np.array(images, dtype=np.float32))
-    model.eval()
     with torch.no_grad():
         parts = [model.features(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
     return torch.cat(parts).double().numpy()
@@ -85,8 +85,8 @@ def score_samples(
     classifier's accuracy on samples of each label.
 
     Args:
-        classifier: a ``vision.train`` classifier (eval mode).
-        info: the ``DatasetInfo`` of the data (for normalization).
+        classifier: a loaded ``model/classifier``.
+        info: the ``DatasetInfo`` or ``ImageSpec`` of the data (for normalization).
         real_test: normalized real test images: the reference distribution.
         real_reference: other normalized real images (the floor, ``fd_classifier_real``).
         samplers: ``name -> fn(n) -> pixels in [0, 1]``; each gives ``eval/fd_classifier``
@@ -131,8 +131,8 @@ def conditional_accuracy(classifier, info, conditional_sampler, per_label: int) 
     """The classifier's accuracy on ``per_label`` samples of each label, label by label.
 
     Args:
-        classifier: a ``vision.train`` classifier (eval mode).
-        info: the ``DatasetInfo`` of the data (its classes and normalization).
+        classifier: a loaded ``model/classifier``.
+        info: the ``DatasetInfo`` or ``ImageSpec`` of the data (classes, normalization).
         conditional_sampler: ``fn(labels) -> pixels in [0, 1]`` of a conditional model.
         per_label: samples per label.
     """
@@ -144,56 +144,9 @@ def conditional_accuracy(classifier, info, conditional_sampler, per_label: int) 
     for label in range(info.num_classes):
         labels = torch.full((per_label,), label, dtype=torch.long)
         images = torch.as_tensor(normalize(conditional_sampler(labels), info))
-        with torch.no_grad():
-            predicted = classifier(images).argmax(1)
+        predicted = classifier.predict(images)
         per_class.append(float((predicted == label).float().mean()))
     return per_class
-
-
-def score_test_split(model, kind: str, config, info, data_dir, classifier=None) -> dict[str, float]:
-    """Scores of a trained VAE or generator on the test split of a data artifact: what
-    ``tune.search`` reports for its best trial and ``tune.evaluate`` gates on.
-
-    Args:
-        model: the VAE or generator (CPU).
-        kind: ``vae`` or ``gan``.
-        config: its ``VAEConfig`` / ``GANConfig``.
-        info: the ``DatasetInfo`` of the data artifact at ``data_dir``.
-        data_dir: the ``data.prepare`` artifact.
-        classifier: ``{"hparams", "model"}`` of a ``vision.train`` classifier, or None.
-
-    Returns:
-        ``test/elbo``, ``test/recon``, ``test/kl`` (VAE: per image, beta = 1);
-        ``test/fd_classifier`` (with a classifier: as many samples as test images) and
-        ``test/cond_accuracy`` (conditional models, with a classifier).
-    """
-    import torch
-
-    from components.data.dataset import load_numpy
-    from components.generative.common import WorkerData
-
-    dev = torch.device("cpu")
-    data = WorkerData.from_arrays({"test": load_numpy(data_dir, "test")}, info, dev)
-    metrics: dict[str, float] = {}
-    if kind == "vae":
-        from components.generative.vae import evaluate
-
-        elbo = evaluate(model, data, "test", config, dev)
-        metrics.update({f"test/{k}": v for k, v in elbo.items()})
-    if classifier is None:
-        return metrics
-    real = data.splits["test"][0]
-    probe = SampleDistance(classifier, real, data.shift, data.divisor, seed=config.seed + 5)
-    metrics["test/fd_classifier"] = probe(model)
-    if model.num_classes:
-
-        def draw(labels):
-            with torch.no_grad():
-                return model.sample(len(labels), labels).numpy()
-
-        per_class = conditional_accuracy(probe.classifier, info, draw, config.eval_per_label)
-        metrics["test/cond_accuracy"] = float(np.mean(per_class))
-    return metrics
 
 
 class SampleDistance:
@@ -205,20 +158,17 @@ class SampleDistance:
     A GAN has no likelihood to validate on; this is what a search over GANs ranks by.
 
     Args:
-        classifier: ``{"hparams": ..., "model": state_dict}`` of a ``vision.train`` classifier.
+        classifier: the bundle of a ``model/classifier`` (in memory: workers may be anywhere).
         real: real images, pixels in [0, 1], (N, C, H, W), on the worker's device.
         shift: the data's per-channel normalization shift, shaped (1, C, 1, 1).
         divisor: the data's per-channel normalization divisor, shaped (1, C, 1, 1).
         seed: seeds the latent points of the samples.
     """
 
-    def __init__(self, classifier: dict[str, Any], real, shift, divisor, seed: int = 0):
-        from components.vision.model import Classifier
-
+    def __init__(self, classifier, real, shift, divisor, seed: int = 0):
         self.dev, self.shift, self.divisor, self.seed = real.device, shift, divisor, seed
-        self.classifier = Classifier.from_hparams(classifier["hparams"]).to(self.dev)
-        self.classifier.load_state_dict(classifier["model"])
-        self.classifier.eval()
+        self.classifier = classifier.load()
+        self.classifier.module.to(self.dev)
         self.n = len(real)
         self.real_stats = feature_stats(self._features(real))
 

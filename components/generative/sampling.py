@@ -1,6 +1,8 @@
-"""Sample grids as PNG, and loading a trained generative artifact for sampling. No Ray.
+"""Sample grids as PNG, and a trained VAE or generator for sampling (the loader its bundle
+names). No Ray.
 
->>> sample_grid(Path("runs/.../artifacts/gan-..."), n=64, label=3, out=Path("threes.png"))
+>>> model = load_model(Path("runs/.../artifacts/generative.gan/..."))   # components.bundle
+>>> model.sample_grid(64, label=3, out=Path("threes.png"))
 """
 
 from __future__ import annotations
@@ -10,8 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-MODEL_FILE = "model.pt"
 
 
 def grid_image(pixels: np.ndarray, scale: int = 4, pad: int = 1):
@@ -41,26 +41,48 @@ def save_grid(pixels: np.ndarray, out: Path, scale: int = 4) -> Path:
     return out
 
 
-def load_generator(artifact_dir: str | Path):
-    """Rebuilds the sampler of a ``generative.vae`` or ``generative.gan`` artifact.
+def load_vae(bundle) -> Sampler:
+    """The loader a ``model/vae`` bundle names."""
+    from components.generative.models import VAE
 
-    Returns:
-        (the VAE or the generator, in eval mode on the CPU; the saved bundle: ``kind``,
-        hparams, normalization, classes, config, metrics)
+    return Sampler(VAE, bundle)
+
+
+def load_gan(bundle) -> Sampler:
+    """The loader a ``model/gan`` bundle names (the generator; the discriminator is not kept)."""
+    from components.generative.models import Generator
+
+    return Sampler(Generator, bundle)
+
+
+class Sampler:
+    """A trained VAE or generator for sampling (CPU, eval mode): what ``load_model`` gives.
+
+    Attributes:
+        module: the network (``VAE`` or ``Generator``).
+        bundle: its bundle (normalization in ``bundle.meta``, classes in ``bundle.labels``).
     """
-    import torch
 
-    from components.generative.models import VAE, Generator
+    def __init__(self, network, bundle):
+        self.bundle = bundle
+        weights = bundle.weights()["model"]  # read first: a bad file fails before anything
+        self.module = network.from_hparams(bundle.hparams)
+        self.module.load_state_dict(weights)
+        self.module.eval()
 
-    file = Path(artifact_dir) / MODEL_FILE
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: not found; is it a generative.vae/gan artifact?")
-    bundle = torch.load(file, map_location="cpu", weights_only=True)
-    cls = VAE if bundle["kind"] == "vae" else Generator
-    model = cls.from_hparams(bundle["hparams"])
-    model.load_state_dict(bundle["model"])
-    model.eval()
-    return model, bundle
+    def sample(self, n: int, label: int | None = None, seed: int = 0) -> np.ndarray:
+        """``n`` samples, pixels in [0, 1] (N, C, H, W); see :func:`generate`."""
+        return generate(self.module, n, label, seed)
+
+    def sample_grid(self, n: int, label: int | None, out: Path, seed: int = 0) -> Path:
+        """Writes a PNG grid of ``n`` samples (``raypipe sample``); returns ``out``.
+
+        Raises:
+            ValueError: a label for an unconditional model, a label out of range, or n < 1.
+        """
+        if n < 1:
+            raise ValueError(f"n must be at least 1, got {n}")
+        return save_grid(self.sample(n, label, seed), out)
 
 
 def generate(model, n: int, label: int | None = None, seed: int = 0) -> np.ndarray:
@@ -82,38 +104,6 @@ def generate(model, n: int, label: int | None = None, seed: int = 0) -> np.ndarr
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         return model.sample(n, labels, generator=generator).numpy()
-
-
-def sample_grid(artifact_dir: Path, n: int, label: int | None, out: Path, seed: int = 0) -> Path:
-    """Writes a PNG grid of ``n`` samples of a trained VAE or GAN artifact (``raypipe sample``).
-
-    Args:
-        artifact_dir: the artifact directory of a ``generative.vae``/``generative.gan`` stage.
-        n: number of samples.
-        label: the class to draw (conditional models only); None draws every class in turn.
-        out: the PNG file to write.
-        seed: seeds the latent noise.
-
-    Returns:
-        ``out``.
-
-    Raises:
-        ValueError: a label for an unconditional model, or a label out of range.
-    """
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
-    model, _bundle = load_generator(artifact_dir)
-    return save_grid(generate(model, n, label, seed), out)
-
-
-def export(out_dir: Path, kind: str, weights, hparams, info, config, metrics) -> Path:
-    """Writes ``model.pt``: the sampler's weights, architecture, normalization, classes,
-    config and metrics (tensors and plain data only: loadable with ``weights_only``)."""
-    from components import training
-
-    path = Path(out_dir) / MODEL_FILE
-    training.save_model(path, weights, hparams, info, config, metrics, kind=kind)
-    return path
 
 
 def to_uint8(pixels: Any):

@@ -15,7 +15,9 @@ from typing import Any, Literal
 from pydantic import Field
 
 from components.api import Component, StageContext
-from components.generative.common import GenerativeSettings
+from components.generative.common import Family, GenerativeSettings
+
+SPLITS = ("train", "val", "test")
 
 
 class VAEConfig(GenerativeSettings):
@@ -48,10 +50,17 @@ def kl_weight(cfg: VAEConfig, epoch: int) -> float:
 # --- the per-worker loop ------------------------------------------------------------------
 
 
-def train_func(loop: dict[str, Any]) -> None:
+def network():
+    """The VAE class (imported on call: torch)."""
+    from components.generative.models import VAE
+
+    return VAE
+
+
+def train_func(config: dict[str, Any]) -> None:
     """Trains on this worker's shard of ``train``; ELBO on ``val`` every epoch and on ``test``
-    before and after training. ``loop`` holds ``config``, ``image_shape``, ``num_classes``,
-    ``shift``/``divisor`` (the data's normalization) and ``progress``."""
+    before and after training. ``config`` holds the ``training.Loop``: this component's config
+    and the data's ``GenerativeSpec``."""
     import ray.train
     import torch
 
@@ -59,14 +68,16 @@ def train_func(loop: dict[str, Any]) -> None:
     from components.generative.common import WorkerData, build_sampler, grid_inputs
     from components.generative.sampling import to_uint8
 
-    cfg = VAEConfig.model_validate(loop["config"])
+    loop = training.loop_of(config)
+    cfg = loop.settings(VAEConfig)
+    spec = loop.data.image
     dev = training.device()
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    classes = loop["num_classes"] if cfg.conditional else 0
-    model = build_sampler("vae", cfg, loop["image_shape"], loop["num_classes"]).to(dev)
+    classes = spec.num_classes if cfg.conditional else 0
+    model = build_sampler(network(), cfg, spec).to(dev)
     optimizer = torch.optim.Adam(model.parameters(), cfg.lr)
-    data = WorkerData.from_shards(loop, dev, ("train", "val", "test"))
-    grid_z, grid_labels = grid_inputs(cfg, loop["num_classes"], dev)
+    data = WorkerData.from_shards(spec, dev, SPLITS)
+    grid_z, grid_labels = grid_inputs(cfg, spec.num_classes, dev)
 
     state = training.restore()
     if state is None:
@@ -128,22 +139,20 @@ def train_func(loop: dict[str, Any]) -> None:
             "beta": beta,
         }
         history.append(metrics)
-        training.report(metrics, snapshot(epoch), loop.get("progress"))
+        training.report(metrics, snapshot(epoch), loop.progress)
 
-    ranks = training.rank_fingerprints(model)
     test = evaluate(model, data, "test", cfg, dev)
-    final = {
-        **snapshot(max(epoch, start_epoch - 1)),
-        "hparams": training.unwrap(model).hparams,
-        "final": {
+    final = training.final_state(
+        snapshot(max(epoch, start_epoch - 1)),
+        model,
+        hparams=training.unwrap(model).hparams,
+        final={
             "test/elbo": test["elbo"],
             "test/recon": test["recon"],
             "test/kl": test["kl"],
             "test/elbo_init": test_init["elbo"],
         },
-        "world_size": training.world()[1],
-        "ranks": ranks,
-    }
+    )
     training.report({"epoch": epoch, "test/elbo": test["elbo"]}, final)
 
 
@@ -190,11 +199,25 @@ class VAEStage(Component):
     """Trains a convolutional VAE on a prepared image dataset (Ray Train, DDP) and scores its
     samples with the classifier of a ``vision.train`` stage."""
 
-    name = "generative.vae"
-    version = "1"
+    version = "2"  # 2: the model bundle (bundle.json + weights.pt)
     Config = VAEConfig
+    produces = "model/vae"
+    trainable = "components.generative.tuning:VAE"
 
     def run(self, ctx: StageContext, config: VAEConfig) -> dict[str, Any]:
         from components.generative.common import run_stage
 
-        return run_stage(ctx, config, "vae", train_func, ("train", "val", "test"))
+        return run_stage(ctx, config, FAMILY)
+
+
+FAMILY = Family(
+    component="generative.vae",
+    kind=VAEStage.produces,
+    loader="components.generative.sampling:load_vae",
+    Config=VAEConfig,
+    train_func=train_func,
+    network=network,
+    splits=SPLITS,
+    needs_classifier=False,  # ranked and gated on its ELBO; sample scores when one is given
+    elbo=evaluate,
+)

@@ -1,429 +1,222 @@
-"""DDPG (and TD3) as a first-class RLlib algorithm on the new API stack.
+"""The ``rl.ddpg`` stage: trains DDPG or TD3 (``algorithm.py``) on a gymnasium env.
 
-Written the way RLlib writes SAC and TQC: an ``AlgorithmConfig`` (``DDPGConfig``), an
-``Algorithm`` (``DDPG``), a default RLModule (``module.py``: tanh actor, Q critic(s), targets)
-and a TorchLearner (``learner.py``: the losses and the Polyak step). TD3 is DDPG with three
-switches (``twin_q``, ``policy_delay``, ``target_noise``); ``TD3Config`` turns them on.
+    agent:
+      uses: rl.ddpg
+      with: {env: Pendulum-v1, timesteps: 20000, eval_every: 5000}
 
-    from components.rl.ddpg import DDPGConfig
-    algo = DDPGConfig().environment("Pendulum-v1").build_algo()
-    algo.train()
+Every ``eval_every`` env steps the stage evaluates ``eval_episodes`` deterministic episodes,
+reports the metrics, and writes an RLlib checkpoint both into the scratch directory (for resume:
+a rerun after a failure restores the newest one, replay buffer included) and into the artifact
+(``checkpoints/step_<N>``, plus ``checkpoints/final``). At the end it exports the actor as a
+standalone policy (a model bundle, see ``policy.py``) that ``raypipe rollout`` runs, and scores
+it over ``eval_episodes`` deterministic episodes on env seeds apart from training's
+(``test/episode_return_mean``), as ``tune.evaluate`` would.
 
-Training step (``DDPG.training_step``), by default on the fast path:
-  1. sample ``rollout_fragment_length`` steps per env runner (exploring: uniform warm-up, then
-     the actor plus Gaussian or Ornstein-Uhlenbeck noise; RLlib rescales actions to the env);
-  2. add them to a flat array replay (``replay.py``) as normalized-action n-step transitions;
-  3. once ``num_steps_sampled_before_learning_starts`` env steps were sampled, take
-     ``updates_per_env_step`` gradient steps per new env step: one ``LearnerGroup.update`` call
-     carries all of them as minibatches of one ready batch (no episode slicing, no learner
-     connector);
-  4. update priorities (prioritized replay), then sync the actor to the env runners.
-With ``fast_replay=False`` the algorithm runs RLlib's own off-policy step instead (DQN/SAC's
-``training_step`` with RLlib's episode replay buffers); the learner accepts both.
-
-Importing this module registers ``DDPG`` and ``TD3`` with Tune.
+This module imports only pydantic at import time; Ray, RLlib and torch load inside ``run``.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
-import numpy as np
-from ray.rllib.algorithms.algorithm import Algorithm
-from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
-from ray.rllib.algorithms.sac.sac import SAC, SACConfig
-from ray.rllib.core import DEFAULT_MODULE_ID
-from ray.rllib.core.rl_module.rl_module import RLModuleSpec
-from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
-from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
-from ray.rllib.utils.metrics import (
-    ENV_RUNNER_RESULTS,
-    ENV_RUNNER_SAMPLING_TIMER,
-    EVALUATION_RESULTS,
-    LEARNER_RESULTS,
-    LEARNER_UPDATE_TIMER,
-    NUM_AGENT_STEPS_SAMPLED_LIFETIME,
-    NUM_ENV_STEPS_SAMPLED_LIFETIME,
-    REPLAY_BUFFER_ADD_DATA_TIMER,
-    REPLAY_BUFFER_RESULTS,
-    REPLAY_BUFFER_SAMPLE_TIMER,
-    SYNCH_WORKER_WEIGHTS_TIMER,
-    TD_ERROR_KEY,
-    TIMERS,
-)
-from ray.rllib.utils.metrics.metrics_logger import MetricsLogger
-from ray.rllib.utils.numpy import convert_to_numpy
-from ray.tune.registry import ENV_CREATOR, _global_registry, register_trainable
-
-from components.rl.replay import FlatReplayBuffer
-
-NOISE_KINDS = ("gaussian", "ou", "none")
+from components.api import Component, StageContext
+from components.rl.settings import TEST_SEED, DDPGSettings
 
 
-class DDPGConfig(SACConfig):
-    """Configuration of DDPG / TD3 (SAC's config minus the entropy terms, plus the below).
+def build_algorithm_config(settings: DDPGSettings, seed: int, env_runners: int):
+    """The RLlib ``DDPGConfig`` / ``TD3Config`` for the stage's settings."""
+    from components.rl.algorithm import DDPGConfig, TD3Config
 
-    Defaults follow the DDPG of Fujimoto et al. (TD3 paper, "our DDPG") and rl-baselines3-zoo:
-    [400, 300] networks, Adam 1e-3, tau 0.005, batch 256, Gaussian noise 0.1, uniform replay,
-    one gradient step per env step.
-    """
+    config = TD3Config() if settings.algorithm == "td3" else DDPGConfig()
+    td3 = {
+        k: getattr(settings, k)
+        for k in ("twin_q", "policy_delay", "target_noise", "target_noise_clip")
+        if getattr(settings, k) is not None
+    }
+    replay = {"type": "EpisodeReplayBuffer", "capacity": settings.buffer_size}
+    if settings.prioritized_replay:
+        replay = {
+            "type": "PrioritizedEpisodeReplayBuffer",
+            "capacity": settings.buffer_size,
+            "alpha": 0.6,
+            "beta": 0.4,
+        }
+    return (
+        config.environment(settings.env, env_config=dict(settings.env_config))
+        .env_runners(
+            num_env_runners=env_runners,
+            rollout_fragment_length=settings.rollout_fragment_length,
+        )
+        .training(
+            gamma=settings.gamma,
+            tau=settings.tau,
+            actor_lr=settings.actor_lr,
+            critic_lr=settings.critic_lr,
+            actor_hiddens=list(settings.hiddens),
+            critic_hiddens=list(settings.hiddens),
+            train_batch_size_per_learner=settings.batch_size,
+            replay_buffer_config=replay,
+            num_steps_sampled_before_learning_starts=settings.learning_starts,
+            random_steps=settings.random_steps,
+            updates_per_env_step=settings.updates_per_step,
+            n_step=settings.n_step,
+            grad_clip=settings.grad_clip,
+            exploration_noise=settings.exploration_noise,
+            noise_sigma=settings.noise_sigma,
+            store_buffer_in_checkpoints=True,
+            **td3,
+        )
+        .reporting(min_sample_timesteps_per_iteration=settings.eval_every)
+        .evaluation(evaluation_interval=1, evaluation_duration=settings.eval_episodes)
+        .fault_tolerance(
+            restart_failed_env_runners=settings.restart_env_runners,
+            max_num_env_runner_restarts=1000,
+            delay_between_env_runner_restarts_s=2.0,
+        )
+        .debugging(seed=seed)
+    )
 
-    def __init__(self, algo_class=None):
-        super().__init__(algo_class=algo_class or DDPG)
-        # Networks (normalized action space; tanh actor).
-        self.actor_hiddens = [400, 300]
-        self.critic_hiddens = [400, 300]
-        self.twin_q = False
-        # Optimization.
-        self.actor_lr = 1e-3
-        self.critic_lr = 1e-3
-        self.gamma = 0.99
-        self.tau = 0.005
-        self.n_step = 1
-        self.grad_clip = None
-        self.train_batch_size_per_learner = 256
-        self.updates_per_env_step = 1.0
-        # TD3 switches (all off: plain DDPG).
-        self.policy_delay = 1
-        self.target_noise = 0.0
-        self.target_noise_clip = 0.5
-        # Exploration.
-        self.exploration_noise = "gaussian"
-        self.noise_sigma = 0.1
-        self.ou_theta = 0.15
-        self.ou_dt = 1e-2
-        self.random_steps = None  # None: the same as num_steps_sampled_before_learning_starts
-        self.num_steps_sampled_before_learning_starts = 1000
-        # Replay: uniform by default; "PrioritizedEpisodeReplayBuffer" turns on prioritized.
-        self.replay_buffer_config = {"type": "EpisodeReplayBuffer", "capacity": int(1e6)}
-        self.fast_replay = True
-        self.rollout_fragment_length = 1
-        # Reporting and evaluation: evaluation is deterministic (never explores).
-        self.min_time_s_per_iteration = 0
-        self.min_sample_timesteps_per_iteration = 1000
-        self.evaluation_config = {"explore": False}
-        self.evaluation_duration = 10
-        self.evaluation_duration_unit = "episodes"
-        self.custom_evaluation_function = evaluate_deterministic
 
-    def training(
-        self,
-        *,
-        actor_hiddens: list[int] | None = NotProvided,
-        critic_hiddens: list[int] | None = NotProvided,
-        policy_delay: int | None = NotProvided,
-        target_noise: float | None = NotProvided,
-        target_noise_clip: float | None = NotProvided,
-        exploration_noise: str | None = NotProvided,
-        noise_sigma: float | None = NotProvided,
-        ou_theta: float | None = NotProvided,
-        ou_dt: float | None = NotProvided,
-        random_steps: int | None = NotProvided,
-        updates_per_env_step: float | None = NotProvided,
-        fast_replay: bool | None = NotProvided,
-        **kwargs,
-    ) -> DDPGConfig:
-        """Sets DDPG's training options (and, through ``**kwargs``, SAC's and RLlib's).
+def register_custom_env(settings: DDPGSettings) -> None:
+    """Registers ``env_entry_point`` with Tune under ``env`` (env runners look it up there)."""
+    if not settings.env_entry_point:
+        return
+    from ray.tune.registry import register_env
 
-        Args:
-            actor_hiddens: hidden layer sizes of the actor.
-            critic_hiddens: hidden layer sizes of each critic.
-            policy_delay: critic updates per actor (and target) update; TD3 uses 2.
-            target_noise: std of TD3's smoothing noise on the target action (0: off).
-            target_noise_clip: the smoothing noise is clipped to +-this.
-            exploration_noise: ``gaussian``, ``ou`` (Ornstein-Uhlenbeck, per episode) or
-                ``none``; in normalized action units.
-            noise_sigma: scale of the exploration noise.
-            ou_theta: OU mean reversion.
-            ou_dt: OU time step.
-            random_steps: uniform-random warm-up, in env steps (None: until learning starts).
-            updates_per_env_step: gradient steps per sampled env step.
-            fast_replay: use the flat array replay (``replay.py``) instead of RLlib's episode
-                replay + learner connector.
-            **kwargs: ``SACConfig.training`` options (``twin_q``, ``tau``, ``n_step``,
-                ``actor_lr``, ``critic_lr``, ``grad_clip``, ``replay_buffer_config`` ...).
-        """
-        super().training(**kwargs)
-        for name, value in dict(
-            actor_hiddens=actor_hiddens,
-            critic_hiddens=critic_hiddens,
-            policy_delay=policy_delay,
-            target_noise=target_noise,
-            target_noise_clip=target_noise_clip,
-            exploration_noise=exploration_noise,
-            noise_sigma=noise_sigma,
-            ou_theta=ou_theta,
-            ou_dt=ou_dt,
-            random_steps=random_steps,
-            updates_per_env_step=updates_per_env_step,
-            fast_replay=fast_replay,
-        ).items():
-            if value is not NotProvided:
-                setattr(self, name, value)
-        return self
+    from components.rl.policy import load_callable
 
-    def validate(self) -> None:
-        super().validate()
-        if self.exploration_noise not in NOISE_KINDS:
-            raise ValueError(
-                f"exploration_noise must be one of {NOISE_KINDS}, got {self.exploration_noise!r}"
-            )
-        if int(self.policy_delay) < 1:
-            raise ValueError(f"policy_delay must be >= 1, got {self.policy_delay}")
-        if self.target_noise < 0 or self.target_noise_clip < 0:
-            raise ValueError("target_noise and target_noise_clip must be >= 0")
-        if self.updates_per_env_step <= 0:
-            raise ValueError("updates_per_env_step must be > 0")
-        if isinstance(self.n_step, (tuple, list)):
-            raise ValueError("DDPG takes a fixed n_step (an int)")
-        if self.training_intensity is None:
-            # RLlib's own step (fast_replay=False) reads the ratio as replayed / sampled steps.
-            self.training_intensity = self.updates_per_env_step * self.train_batch_size_per_learner
+    entry = settings.env_entry_point
+    register_env(settings.env, lambda cfg: load_callable(entry)(dict(cfg)))
 
-    @property
-    def warmup_steps(self) -> int:
-        """Env steps of uniform-random actions at the start of training."""
-        if self.random_steps is None:
-            return int(self.num_steps_sampled_before_learning_starts)
-        return int(self.random_steps)
 
-    def get_default_rl_module_spec(self) -> RLModuleSpec:
-        from components.rl.module import DDPGTorchRLModule
+class CheckpointDir:
+    """Numbered RLlib checkpoints in a local directory; a checkpoint counts once it is complete."""
 
-        return RLModuleSpec(module_class=DDPGTorchRLModule)
+    def __init__(self, root: str | Path, keep: int = 2):
+        self.root = Path(str(root).removeprefix("file://"))
+        self.keep = keep
 
-    def get_default_learner_class(self):
-        from components.rl.learner import DDPGTorchLearner
+    def newest(self) -> Path | None:
+        done = sorted(p.parent for p in self.root.glob("step_*/COMPLETE"))
+        return done[-1] if done else None
 
-        return DDPGTorchLearner
+    def save(self, algo, step: int) -> Path:
+        path = self.root / f"step_{step:010d}"
+        algo.save_to_path(path)
+        (path / "COMPLETE").write_text(str(step))
+        for old in sorted(p.parent for p in self.root.glob("step_*/COMPLETE"))[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
 
-    def build_module_to_env_connector(self, env=None, spaces=None):
-        pipeline = super().build_module_to_env_connector(env, spaces)
-        if self.exploration_noise == "ou":
-            from ray.rllib.connectors.module_to_env import NormalizeAndClipActions
 
-            from components.rl.noise import OrnsteinUhlenbeckNoise
+class DDPGStage(Component):
+    """Trains a DDPG/TD3 agent with RLlib, evaluates it, checkpoints it, exports its policy."""
 
-            pipeline.insert_before(
-                NormalizeAndClipActions,
-                OrnsteinUhlenbeckNoise(
-                    sigma=self.noise_sigma,
-                    theta=self.ou_theta,
-                    dt=self.ou_dt,
-                    random_steps=self.warmup_steps // max(self.num_env_runners, 1),
-                    seed=self.seed,
-                ),
-            )
-        return pipeline
+    version = "2"  # 2: the policy as a model bundle, scored on test episodes
+    Config = DDPGSettings
+    produces = "model/ddpg"
+    trainable = "components.rl.tuning:TRAINABLE"
+    #: The learner (and, with env_runners 0, the sampling) run in the stage's own task.
+    task_cpus = 1.0
 
-    @property
-    def _model_config_auto_includes(self) -> dict[str, Any]:
-        return super()._model_config_auto_includes | {
-            "actor_hiddens": list(self.actor_hiddens),
-            "critic_hiddens": list(self.critic_hiddens),
-            "exploration_noise": self.exploration_noise,
-            "noise_sigma": self.noise_sigma,
-            "random_steps": self.warmup_steps,
+    def run(self, ctx: StageContext, config: DDPGSettings) -> dict[str, Any]:
+        import ray
+
+        from components.rl.policy import load_policy, score_policy
+
+        if not ray.is_initialized():
+            ray.init()
+        seed = ctx.seed if config.seed is None else config.seed
+        runners = ctx.resources.workers if config.env_runners is None else config.env_runners
+        register_custom_env(config)
+        algo = build_algorithm_config(config, seed, runners).build_algo()
+        scratch = CheckpointDir(Path(ctx.scratch_dir) / "rllib")
+        resumed_from = scratch.newest()
+        if resumed_from is not None:
+            algo.restore_from_path(resumed_from)
+
+        out = Path(ctx.out_dir)
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        start_steps, start = _env_steps(algo), time.time()
+        metrics: dict[str, Any] = {"train/env_steps": start_steps}
+        try:
+            for metrics in train_iterations(algo, config.timesteps):
+                ctx.report(step=metrics["train/env_steps"], **metrics)
+                saved = scratch.save(algo, metrics["train/env_steps"])
+                shutil.copytree(saved, out / "checkpoints" / saved.name, dirs_exist_ok=True)
+            algo.save_to_path(out / "checkpoints" / "final")
+            export_actor(algo, out, config, seed)
+        finally:
+            algo.stop()
+        (out / "settings.json").write_text(
+            json.dumps({"settings": config.model_dump(), "seed": seed}, indent=2, sort_keys=True)
+        )
+        metrics["train/resumed_from_step"] = int(start_steps)
+        metrics["train/time_s"] = time.time() - start
+        # The exported policy on env seeds apart from training's, as a gate will score it.
+        return {**metrics, **score_policy(load_policy(out), config.eval_episodes, TEST_SEED)}
+
+
+def train_iterations(algo, timesteps: int) -> Iterator[dict[str, Any]]:
+    """Trains ``algo`` until it has sampled ``timesteps`` env steps in all (counting the steps
+    of a restored checkpoint); yields the metrics of each iteration, which ends with an
+    evaluation (see ``build_algorithm_config``)."""
+    import numpy as np
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    env_steps = _env_steps(algo)
+    start_steps, start = env_steps, time.time()
+    while env_steps < timesteps:
+        result = algo.train()
+        env_steps = _env_steps(algo)
+        ev = result["evaluation"]["env_runners"]
+        learner = result.get("learners", {}).get(DEFAULT_MODULE_ID, {})
+        yield {
+            "eval/episode_return_mean": float(ev["episode_return_mean"]),
+            "eval/episode_return_std": float(ev["episode_return_std"]),
+            "eval/episode_return_min": float(ev["episode_return_min"]),
+            "eval/episode_return_max": float(ev["episode_return_max"]),
+            "train/env_steps": int(env_steps),
+            "train/env_steps_per_s": (env_steps - start_steps) / max(time.time() - start, 1e-9),
+            "train/critic_loss": float(learner.get("critic_loss", np.nan)),
+            "train/actor_loss": float(learner.get("actor_loss", np.nan)),
         }
 
 
-class TD3Config(DDPGConfig):
-    """TD3 (Fujimoto et al. 2018): DDPG with clipped double Q, delayed actor, target smoothing."""
+def export_actor(algo, out_dir: Path, config: DDPGSettings, seed: int) -> Path:
+    """Exports the learner's actor as a standalone policy (a model bundle in ``out_dir``)."""
+    from ray.rllib.core import DEFAULT_MODULE_ID
 
-    def __init__(self, algo_class=None):
-        super().__init__(algo_class=algo_class or TD3)
-        self.twin_q = True
-        self.policy_delay = 2
-        self.target_noise = 0.2
-        self.target_noise_clip = 0.5
+    from components.rl.algorithm import env_spaces
+    from components.rl.policy import export_policy
 
-
-def check_spaces(observation_space: gym.Space, action_space: gym.Space, env_name: str) -> None:
-    """Rejects spaces DDPG cannot act in, naming the env.
-
-    Raises:
-        ValueError: the action space is not a bounded 1-D Box, or observations are not a Box.
-    """
-    if not isinstance(action_space, gym.spaces.Box):
-        raise ValueError(
-            f"DDPG needs a continuous (gymnasium Box) action space; env {env_name!r} has "
-            f"{action_space}"
-        )
-    if not action_space.is_bounded("both") or not np.all(np.isfinite(action_space.low)):
-        raise ValueError(
-            f"DDPG needs a bounded action space (finite low and high); env {env_name!r} has "
-            f"{action_space}"
-        )
-    if len(action_space.shape) != 1:
-        raise ValueError(f"DDPG needs a 1-D action Box; env {env_name!r} has {action_space}")
-    if not isinstance(observation_space, gym.spaces.Box) or len(observation_space.shape) != 1:
-        raise ValueError(
-            f"DDPG needs a 1-D Box observation space; env {env_name!r} has {observation_space}"
-        )
+    obs_space, act_space = env_spaces(algo.config)
+    results = algo.learner_group.foreach_learner(
+        lambda learner: {
+            k: v.cpu() for k, v in learner.module[DEFAULT_MODULE_ID].actor.state_dict().items()
+        }
+    )
+    return export_policy(
+        out_dir,
+        next(iter(results)).get(),
+        obs_dim=int(obs_space.shape[0]),
+        act_low=act_space.low,
+        act_high=act_space.high,
+        hiddens=list(config.hiddens),
+        env=config.env,
+        env_config=dict(config.env_config),
+        env_entry_point=config.env_entry_point,
+        config=config.model_dump(mode="json"),
+        extra={"algorithm": config.algorithm, "seed": seed, "env_steps": _env_steps(algo)},
+    )
 
 
-def env_spaces(config: AlgorithmConfig) -> tuple[gym.Space, gym.Space]:
-    """Makes the configured env once (a Tune-registered name, a gymnasium id or a class)."""
-    from ray.rllib.env.env_context import EnvContext
+def _env_steps(algo) -> int:
+    from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
 
-    if config.observation_space is not None and config.action_space is not None:
-        return config.observation_space, config.action_space
-    env_config = EnvContext(config.env_config or {}, worker_index=0)
-    if isinstance(config.env, str) and _global_registry.contains(ENV_CREATOR, config.env):
-        env = _global_registry.get(ENV_CREATOR, config.env)(env_config)
-    elif isinstance(config.env, str):
-        env = gym.make(config.env, **(config.env_config or {}))
-    else:
-        env = config.env(env_config)
-    try:
-        return env.observation_space, env.action_space
-    finally:
-        env.close()
-
-
-def evaluate_deterministic(algo: Algorithm, eval_workers) -> tuple[dict[str, Any], int, int]:
-    """RLlib custom evaluation: ``evaluation_duration`` episodes without exploration.
-
-    Returns the mean, std, min and max episode return (RLlib's own evaluation has no std).
-    """
-    n = int(algo.config.evaluation_duration)
-    remote = eval_workers.num_healthy_remote_workers()
-    if remote == 0:
-        episodes = eval_workers.local_env_runner.sample(num_episodes=n, explore=False)
-    else:
-        per = -(-n // remote)
-        parts = eval_workers.foreach_env_runner(
-            lambda r: r.sample(num_episodes=per, explore=False), local_env_runner=False
-        )
-        episodes = [ep for part in parts for ep in part][:n]
-    # Episodes come back in chunks only when they did not finish; here every one finished.
-    returns = np.array([ep.get_return() for ep in episodes if ep.is_done], np.float64)
-    lengths = [len(ep) for ep in episodes if ep.is_done]
-    steps = int(sum(len(ep) for ep in episodes))
-    results = {
-        "episode_return_mean": float(returns.mean()),
-        "episode_return_std": float(returns.std()),
-        "episode_return_min": float(returns.min()),
-        "episode_return_max": float(returns.max()),
-        "episode_len_mean": float(np.mean(lengths)),
-        "num_episodes": len(returns),
-    }
-    # On the new API stack RLlib reads evaluation results from the algorithm's metrics.
-    logger = MetricsLogger()
-    for key, value in results.items():
-        logger.log_value(key, value, window=1)
-    algo.metrics.aggregate([logger.reduce()], key=(EVALUATION_RESULTS, ENV_RUNNER_RESULTS))
-    algo.last_evaluation_returns = returns.tolist()
-    return results, steps, steps
-
-
-class DDPG(SAC):
-    """Deep Deterministic Policy Gradient (Lillicrap et al. 2016), with TD3's options."""
-
-    @classmethod
-    def get_default_config(cls) -> DDPGConfig:
-        return DDPGConfig()
-
-    def setup(self, config: AlgorithmConfig) -> None:
-        name = config.env if isinstance(config.env, str) else getattr(config.env, "__name__", "?")
-        check_spaces(*env_spaces(config), env_name=str(name))
-        super().setup(config)
-        if self.config.fast_replay:
-            rb = self.config.replay_buffer_config
-            self.local_replay_buffer = FlatReplayBuffer(
-                capacity=int(rb.get("capacity", 1e6)),
-                n_step=int(self.config.n_step),
-                gamma=self.config.gamma,
-                prioritized="Prioritized" in str(rb.get("type", "")),
-                alpha=rb.get("alpha", 0.6),
-                beta=rb.get("beta", 0.4),
-                seed=self.config.seed,
-            )
-        # Gradient steps owed to the env steps sampled so far (fractional ratios carry over).
-        self._update_credit = 0.0
-
-    def training_step(self) -> None:
-        if not self.config.fast_replay:
-            return super().training_step()
-        cfg = self.config
-
-        # 1. Sample from the env runners (exploring).
-        with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
-            episodes, env_runner_results = synchronous_parallel_sample(
-                worker_set=self.env_runner_group,
-                concat=True,
-                sample_timeout_s=cfg.sample_timeout_s,
-                _uses_new_env_runners=True,
-                _return_metrics=True,
-            )
-        self.metrics.aggregate(env_runner_results, key=ENV_RUNNER_RESULTS)
-
-        # 2. Store normalized-action n-step transitions.
-        with self.metrics.log_time((TIMERS, REPLAY_BUFFER_ADD_DATA_TIMER)):
-            self.local_replay_buffer.add(episodes)
-        for key, value in self.local_replay_buffer.get_metrics().items():
-            self.metrics.log_value((REPLAY_BUFFER_RESULTS, key), value, window=1)
-        env_steps = self.metrics.peek(
-            (ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0
-        )
-        if env_steps < cfg.num_steps_sampled_before_learning_starts:
-            return
-        self._update_credit += sum(len(ep) for ep in episodes) * cfg.updates_per_env_step
-        num_updates = int(self._update_credit)
-        if num_updates == 0:
-            return
-        self._update_credit -= num_updates
-
-        # 3. All gradient steps of this iteration: one ready batch, cut into minibatches.
-        batch_size = cfg.train_batch_size_per_learner
-        with self.metrics.log_time((TIMERS, REPLAY_BUFFER_SAMPLE_TIMER)):
-            data, rows = self.local_replay_buffer.sample(num_updates * batch_size)
-        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
-            learner_results = self.learner_group.update(
-                batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(data)}, env_steps=len(rows)),
-                minibatch_size=batch_size,
-                num_epochs=1,
-                timesteps={
-                    NUM_ENV_STEPS_SAMPLED_LIFETIME: env_steps,
-                    NUM_AGENT_STEPS_SAMPLED_LIFETIME: env_steps,
-                },
-            )
-        # 4. Priorities (prioritized replay only), then the new actor to the env runners.
-        td = [
-            np.concatenate([np.ravel(x) for x in convert_to_numpy(r[mid].pop(TD_ERROR_KEY).peek())])
-            for r in learner_results
-            for mid in list(r)
-            if isinstance(r[mid], dict) and TD_ERROR_KEY in r[mid]
-        ]
-        if td and len(td[0]) == len(rows):
-            self.local_replay_buffer.update_priorities(rows, td[0])
-        self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
-        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
-            self.env_runner_group.sync_weights(
-                from_worker_or_learner_group=self.learner_group,
-                policies=[DEFAULT_MODULE_ID],
-                inference_only=True,
-            )
-
-
-class TD3(DDPG):
-    """TD3: ``DDPG`` with ``TD3Config``'s defaults."""
-
-    @classmethod
-    def get_default_config(cls) -> TD3Config:
-        return TD3Config()
-
-
-def register_with_tune() -> None:
-    """Registers ``DDPG`` and ``TD3`` with Tune by name (idempotent).
-
-    Tune keeps registrations in the connected cluster's key-value store: after
-    ``ray.shutdown()`` and a new ``ray.init()`` in the same process they are gone, so code that
-    starts a new cluster calls this again.
-    """
-    register_trainable("DDPG", DDPG)
-    register_trainable("TD3", TD3)
-
-
-register_with_tune()
+    return int(algo.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0))

@@ -1,23 +1,23 @@
-"""The trained policy as a standalone artifact: load it and act with torch + gymnasium only.
+"""The trained policy as a standalone model bundle: load it and act with torch + gymnasium only.
 
-``export_policy`` writes ``policy/actor.pt`` (the actor's state dict) and ``policy/policy.json``
-(how to rebuild it and which env it acts in); ``load_policy`` rebuilds it without Ray or RLlib,
-and ``rollout`` runs it (what ``raypipe rollout RUN STAGE`` calls).
+``export_policy`` writes the actor as a model bundle (``components/bundle.py``: ``bundle.json``
+says how to rebuild it and which env it acts in, ``weights.pt`` holds the actor's state dict);
+``load`` (the bundle's loader) rebuilds it without Ray or RLlib; ``rollout`` runs it (what
+``raypipe rollout RUN STAGE`` calls) and ``score_policy`` scores it over deterministic episodes
+(what the stage reports and a gate decides on).
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from components.bundle import Bundle, read_bundle, save_bundle
 from components.rl.module import build_actor
-
-POLICY_DIR = "policy"
 
 
 def export_policy(
@@ -31,50 +31,84 @@ def export_policy(
     env: str,
     env_config: dict[str, Any],
     env_entry_point: str | None,
+    config: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Writes the actor and its description into ``out_dir/policy``; returns that folder."""
-    folder = Path(out_dir) / POLICY_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in actor_state.items()}, folder / "actor.pt")
-    spec = {
+    """Writes the actor as a ``model/ddpg`` bundle into ``out_dir``; returns ``out_dir``.
+
+    Args:
+        config: the resolved settings it was trained with.
+        extra: more facts kept with the policy (algorithm, seed, env steps trained).
+    """
+    low = np.asarray(act_low, np.float64).tolist()
+    high = np.asarray(act_high, np.float64).tolist()
+    meta = {
         "obs_dim": int(obs_dim),
-        "act_low": np.asarray(act_low, np.float64).tolist(),
-        "act_high": np.asarray(act_high, np.float64).tolist(),
+        "act_low": low,
+        "act_high": high,
         "hiddens": list(hiddens),
         "env": env,
         "env_config": env_config,
         "env_entry_point": env_entry_point,
         **(extra or {}),
     }
-    (folder / "policy.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
-    return folder
+    bundle = Bundle(
+        component="rl.ddpg",
+        kind="model/ddpg",
+        loader="components.rl.policy:load",
+        input={"type": "vector", "shape": [int(obs_dim)], "dtype": "float32"},
+        output={"type": "action", "shape": [len(low)], "low": low, "high": high},
+        hparams={"obs_dim": int(obs_dim), "act_dim": len(low), "hiddens": list(hiddens)},
+        config=config,
+        meta=meta,
+    )
+    return save_bundle(out_dir, bundle, {"actor": actor_state})
+
+
+def load(bundle: Bundle) -> Policy:
+    """The loader a ``model/ddpg`` bundle names."""
+    return Policy(bundle)
 
 
 class Policy:
-    """A deterministic DDPG actor that maps an env observation to an env action."""
+    """A deterministic DDPG actor that maps an env observation to an env action.
 
-    def __init__(self, folder: Path):
-        folder = Path(folder)
-        if (folder / POLICY_DIR / "policy.json").exists():
-            folder = folder / POLICY_DIR
-        self.spec = json.loads((folder / "policy.json").read_text())
+    Attributes:
+        module: the actor (tanh outputs in [-1, 1]).
+        bundle: its bundle.
+        spec: what it was trained on (``env``, ``env_config``, ``act_low``...; ``bundle.meta``).
+    """
+
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+        weights = bundle.weights()["actor"]  # read first: a bad file fails before anything
+        self.spec = bundle.meta
         self.low = np.asarray(self.spec["act_low"], np.float32)
         self.high = np.asarray(self.spec["act_high"], np.float32)
-        self.actor = build_actor(self.spec["obs_dim"], len(self.low), self.spec["hiddens"])
-        self.actor.load_state_dict(torch.load(folder / "actor.pt", weights_only=True))
-        self.actor.eval()
+        self.module = build_actor(self.spec["obs_dim"], len(self.low), self.spec["hiddens"])
+        self.module.load_state_dict(weights)
+        self.module.eval()
 
     def normalized_action(self, obs: np.ndarray) -> np.ndarray:
         """The actor's output in [-1, 1]."""
         with torch.no_grad():
             x = torch.as_tensor(np.asarray(obs, np.float32))
-            return self.actor(x).numpy()
+            return self.module(x).numpy()
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         """The env action: [-1, 1] rescaled to the env's bounds (as RLlib's connector does)."""
         a = self.normalized_action(obs)
         return np.clip(self.low + (a + 1.0) * 0.5 * (self.high - self.low), self.low, self.high)
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """The env action for an observation (or a batch of them)."""
+        return self(obs)
+
+    def rollout(
+        self, episodes: int = 5, video: bool = False, out: Path | None = None, seed: int = 0
+    ) -> list[float]:
+        """Runs the policy for some episodes (``raypipe rollout``); see :func:`run_episodes`."""
+        return run_episodes(self, episodes, video, out, seed)
 
     def make_env(self, render_mode: str | None = None):
         """Makes the env the policy was trained in."""
@@ -107,17 +141,37 @@ def make_env(
 
 
 def load_policy(artifact_dir: Path) -> Policy:
-    """Loads the exported policy of an ``rl.ddpg`` artifact (or of a ``policy`` folder)."""
-    return Policy(Path(artifact_dir))
+    """Loads the exported policy of an ``rl.ddpg`` artifact."""
+    return Policy(read_bundle(artifact_dir))
+
+
+def score_policy(policy: Policy, episodes: int, seed: int) -> dict[str, Any]:
+    """Returns of a policy over ``episodes`` deterministic episodes (env seeds ``seed``,
+    ``seed + 1``, ...): the ``test/*`` metrics of a trained agent."""
+    returns = run_episodes(policy, episodes=episodes, seed=seed)
+    return {
+        "test/episode_return_mean": float(np.mean(returns)),
+        "test/episode_return_std": float(np.std(returns)),
+        "test/episode_return_min": float(np.min(returns)),
+        "test/episodes": episodes,
+        "test/episode_returns": [float(r) for r in returns],
+    }
 
 
 def rollout(
     artifact_dir: Path, episodes: int = 5, video: bool = False, out: Path | None = None, seed=0
 ) -> list[float]:
-    """Runs the exported policy for some episodes and returns their returns.
+    """Runs the exported policy of an ``rl.ddpg`` artifact; see :func:`run_episodes`."""
+    return run_episodes(load_policy(artifact_dir), episodes, video, out, seed)
+
+
+def run_episodes(
+    policy: Policy, episodes: int = 5, video: bool = False, out: Path | None = None, seed=0
+) -> list[float]:
+    """Runs a policy for some episodes and returns their returns.
 
     Args:
-        artifact_dir: the ``rl.ddpg`` stage's artifact directory.
+        policy: the policy.
         episodes: episodes to run (seeded ``seed``, ``seed + 1``, ...).
         video: also record the first episode: a GIF where the env can render frames
             (``rgb_array``), otherwise a PNG plot of its observations, actions and rewards.
@@ -125,7 +179,6 @@ def rollout(
             current directory).
         seed: seed of the first episode's reset.
     """
-    policy = load_policy(artifact_dir)
     frames: list[np.ndarray] = []
     env = None
     if video:

@@ -1,11 +1,12 @@
 """``tune.evaluate``: scores a trained model and gates its promotion.
 
-The candidate is the artifact of a trainable stage (``vision.train``, ``generative.vae``,
-``generative.gan``, ``rl.ddpg``) or of a ``tune.search`` over one, named in ``needs:``. A model
-of images is scored on the test split of the ``data.prepare`` artifact it was trained on (also
-in ``needs:``; a generative model also needs a ``vision.train`` stage, whose classifier gives
-the Frechet distance of its samples); an RL policy over ``episodes`` deterministic episodes on
-env seeds apart from those it was evaluated on in training. With
+The candidate is a model artifact (kind ``model/...``: a trainable stage's, or a
+``tune.search``'s over one) named in ``needs:``. It is scored by its family's own hook
+(``components/contract.py``), found through its bundle: a model of images on the test split of
+the dataset in ``needs:`` (a generative model also with the classifier in ``needs:``, whose
+features give the Frechet distance of its samples); an RL policy over ``episodes``
+deterministic episodes on env seeds apart from those it was evaluated on in training. This
+module knows no family. With
 ``register_as``, the candidate becomes a version of that registered model in the MLflow model
 registry, and the registry's ``champion`` alias moves to it only if it meets every threshold and
 beats the current champion by more than ``promote_if_better_by`` (no champion yet: meeting the
@@ -33,19 +34,26 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from components.api import Component, StageContext, StrictModel
-from components.tune import adapters
+from components import registry
+from components.api import Component, InputArtifact, StageContext, StrictModel
+from components.contract import ScoreSettings, Trainable
 
 ALIAS = "champion"
 DECISION_FILE = "decision.json"
 TAG_PREFIX = "metric."
-GATED_METRICS = sorted({m for a in adapters.ADAPTERS.values() for m in a.test_metrics})
-TRAINABLES = (*adapters.ADAPTERS, "tune.search")
+
+
+def gated_metrics() -> list[str]:
+    """Every test metric some family is scored on (what a gate can compare)."""
+    return sorted(
+        {m for name in registry.trainable_names() for m in registry.trainable(name).test_metrics}
+    )
 
 
 def _known_metric(name: str) -> str:
-    if name not in GATED_METRICS:
-        raise ValueError(f"unknown metric {name!r}; one of: {', '.join(GATED_METRICS)}")
+    known = gated_metrics()
+    if name not in known:
+        raise ValueError(f"unknown metric {name!r}; one of: {', '.join(known)}")
     return name
 
 
@@ -66,7 +74,8 @@ class EvaluateConfig(StrictModel):
         candidate: the stage in ``needs:`` whose model is gated; needed only where ``needs:``
             holds more than one trained model besides a generative model's classifier.
         episodes: deterministic episodes an RL policy is scored over.
-        seed: env seed of the first of those episodes (the next ones count up from it).
+        seed: env seed of the first of those episodes (the next ones count up from it);
+            default: the family's own test seed.
     """
 
     metric: str | None = None
@@ -77,14 +86,14 @@ class EvaluateConfig(StrictModel):
     register_as: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9][\w.-]*$")
     candidate: str | None = None
     episodes: int = Field(10, ge=1)
-    seed: int = Field(adapters.RL_TEST_SEED, ge=0)
+    seed: int | None = Field(None, ge=0)
 
     @model_validator(mode="before")
     @classmethod
     def _default_mode(cls, data: Any) -> Any:
         """A metric named without a mode is better the way that metric is."""
         if isinstance(data, dict) and isinstance(data.get("metric"), str) and "mode" not in data:
-            data = {**data, "mode": adapters.METRIC_MODES.get(data["metric"])}
+            data = {**data, "mode": registry.metric_modes().get(data["metric"])}
         return data
 
     @field_validator("metric")
@@ -92,20 +101,20 @@ class EvaluateConfig(StrictModel):
     def _metric(cls, value: str | None) -> str | None:
         return value if value is None else _known_metric(value)
 
-    def resolved(self, adapter: adapters.Adapter) -> EvaluateConfig:
-        """This config with the metric and mode filled in for a candidate of ``adapter``.
+    def resolved(self, trainable: Trainable) -> EvaluateConfig:
+        """This config with the metric and mode filled in for a candidate of ``trainable``.
 
         Raises:
             ValueError: a metric or threshold the candidate is not scored on.
         """
-        metric = self.metric or next(iter(adapter.test_metrics))
+        metric = self.metric or next(iter(trainable.test_metrics))
         for name in [metric, *self.min, *self.max]:
-            if name not in adapter.test_metrics:
+            if name not in trainable.test_metrics:
                 raise ValueError(
-                    f"a {adapter.component} model is not scored on {name}; it is on: "
-                    + ", ".join(adapter.test_metrics)
+                    f"a {trainable.component} model is not scored on {name}; it is on: "
+                    + ", ".join(trainable.test_metrics)
                 )
-        mode = self.mode or adapter.test_metrics[metric]
+        mode = self.mode or trainable.test_metrics[metric]
         return self.model_copy(update={"metric": metric, "mode": mode})
 
     @field_validator("min", "max")
@@ -323,20 +332,16 @@ def _float_or_none(text: str | None) -> float | None:
 class TuneEvaluate(Component):
     """Evaluates a trained model on the test split and promotes it to champion if it wins."""
 
-    name = "tune.evaluate"
-    version = "1"
+    version = "2"  # 2: candidates found by artifact kind and scored through their bundle
     Config = EvaluateConfig
+    produces = "gate/decision"
 
     def run(self, ctx: StageContext, config: EvaluateConfig) -> dict[str, Any]:
-        candidate = _candidate(ctx, config)
-        trainable = (
-            candidate.manifest["config"]["trainable"]
-            if candidate.component == "tune.search"
-            else candidate.component
-        )
-        adapter = adapters.get(trainable)
-        config = config.resolved(adapter)
-        metrics = adapter.evaluate(candidate.path, ctx, config)
+        candidate, bundle = _candidate(ctx, config)
+        trainable = registry.trainable(bundle.component)
+        config = config.resolved(trainable)
+        settings = ScoreSettings(episodes=config.episodes, seed=config.seed)
+        metrics = trainable.score(bundle, ctx, settings)
         if config.register_as is None:
             missed = check_thresholds(metrics, config)
             decision = Decision(
@@ -379,35 +384,38 @@ class TuneEvaluate(Component):
         }
 
 
-def _candidate(ctx: StageContext, config: EvaluateConfig):
-    """The input artifact whose model is gated.
+def _candidate(ctx: StageContext, config: EvaluateConfig) -> tuple[InputArtifact, Any]:
+    """The input artifact whose model is gated, and its bundle.
 
-    Other gates may be in ``needs:`` only to order gates of one model, and a ``vision.train``
-    stage beside a generative model is that model's classifier: neither is the candidate.
+    The candidates are the model artifacts in ``needs:`` (other gates may be there only to
+    order gates of one model). A model that another candidate's family reads beside its data
+    (a generative model's classifier) is not the candidate.
 
     Raises:
         ValueError: no candidate, or more than one and no ``candidate:`` to choose.
     """
+    from components.bundle import read_bundle
+
     if config.candidate is not None:
         if config.candidate not in ctx.inputs:
             raise ValueError(
                 f"candidate {config.candidate!r} is not in the `needs:` of stage {ctx.stage!r}"
             )
-        return ctx.inputs[config.candidate]
-    found = [a for a in ctx.inputs.values() if a.component in TRAINABLES]
-    if len(found) > 1 and any(_is_generative(a) for a in found):
-        found = [a for a in found if a.component != "vision.train"]
+        chosen = ctx.inputs[config.candidate]
+        return chosen, read_bundle(chosen.path)
+    found = {a.stage: (a, read_bundle(a.path)) for a in ctx.inputs_of("model")}
+    read = {
+        kind
+        for _, bundle in found.values()
+        for kind in registry.trainable(bundle.component).reads_models
+    }
+    if len(found) > 1:
+        found = {k: v for k, v in found.items() if v[0].kind not in read}
     if len(found) != 1:
-        have = {name: a.component for name, a in ctx.inputs.items()}
+        have = {name: a.kind for name, a in ctx.inputs.items()}
         raise ValueError(
             f"stage {ctx.stage!r} needs one trained model in `needs:` (a stage of "
-            f"{', '.join(TRAINABLES)}), or `candidate:` naming it; it has {have}"
+            f"{', '.join(registry.trainable_names())}, or a tune.search over one), or "
+            f"`candidate:` naming it; it has {have}"
         )
-    return found[0]
-
-
-def _is_generative(artifact) -> bool:
-    component = artifact.component
-    if component == "tune.search":
-        component = artifact.manifest["config"]["trainable"]
-    return component.startswith("generative.")
+    return next(iter(found.values()))

@@ -1,18 +1,18 @@
-"""``tune.search``: Ray Tune over a trainable component (``vision.train``, ``generative.vae``,
-``generative.gan``, ``rl.ddpg``; see ``adapters.py``).
+"""``tune.search``: Ray Tune over any trainable component (one whose family declares its hooks,
+``components/contract.py``: ``vision.train``, ``generative.vae``, ``generative.gan``,
+``rl.ddpg``, ...). This module knows no family: it asks the registry for the hooks.
 
 Each trial is a function that validates its sampled config against the trainable's own Config.
-A Ray Train component's trial then builds and fits a ``TorchTrainer`` running the component's
+A Ray Train family's trial then builds and fits a ``TorchTrainer`` running the family's
 unchanged ``train_func`` (the Ray 2.60 way: ``Tuner(trainer)`` is deprecated), and a
 ``TuneReportCallback`` forwards every epoch's report to Tune, so ASHA can stop a poor trial
-after any epoch. An ``rl.ddpg`` trial trains an RLlib algorithm in the trial's process and
-reports each evaluation, which counts as an epoch.
+after any epoch. A family with a trial function of its own (``rl.ddpg``: an RLlib algorithm in
+the trial's process) reports each evaluation, which counts as an epoch.
 
 The artifact: ``results.parquet`` and ``results.csv`` (one row per trial: status, config,
 final metrics, error), ``best_config.json``, the best trial's checkpoint (``checkpoint/``) and
-its model exported as the trainable exports it (``model.pt``, or ``policy/``), so
-``tune.evaluate``, ``load_classifier``, ``raypipe sample`` and ``raypipe rollout`` take it like
-the trainable's own artifact.
+its model bundle exported as the family exports it, so ``tune.evaluate``, ``raypipe sample``,
+``rollout`` and ``serve`` take it like the trainable's own artifact (same kind, same bundle).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from components import registry
 from components.api import Component, StageContext, StrictModel
-from components.tune import adapters
 from components.tune.space import Dimension, check_space
 
 RESULTS_FILE = "results.parquet"
@@ -84,17 +83,20 @@ class SearchConfig(StrictModel):
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        trainable = adapters.ADAPTERS.get(data.get("trainable", "vision.train"))
+        trainable = _hooks_or_none(data.get("trainable", "vision.train"))
         if "metric" not in data and trainable is not None:
             data["metric"] = next(iter(trainable.epoch_metrics))
         if "mode" not in data and isinstance(data.get("metric"), str):
-            data["mode"] = adapters.METRIC_MODES.get(data["metric"], "max")
+            data["mode"] = registry.metric_modes().get(data["metric"], "max")
         return data
 
     @field_validator("trainable")
     @classmethod
     def _known_trainable(cls, value: str) -> str:
-        adapters.get(value)
+        try:
+            registry.trainable(value)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
         return value
 
     @field_validator("train")
@@ -125,7 +127,7 @@ class SearchConfig(StrictModel):
     @classmethod
     def _reported_metric(cls, value: str, info: ValidationInfo) -> str:
         if "trainable" in info.data:
-            reported = adapters.get(info.data["trainable"]).epoch_metrics
+            reported = registry.trainable(info.data["trainable"]).epoch_metrics
             if value not in reported:
                 raise ValueError(f"not reported every epoch; one of: {', '.join(reported)}")
         return value
@@ -138,13 +140,21 @@ class SearchConfig(StrictModel):
 
     def max_epochs(self) -> int:
         """The most epochs (evaluations, for RL) a trial can run: ASHA's budget."""
-        adapter, dims = adapters.get(self.trainable), self.dimensions()
-        largest = {key: dims[key].largest() for key in adapter.budget_keys if key in dims}
-        return adapter.budget(self.trainable_config(largest))
+        trainable, dims = registry.trainable(self.trainable), self.dimensions()
+        largest = {key: dims[key].largest() for key in trainable.budget_keys if key in dims}
+        return trainable.budget(self.trainable_config(largest))
 
     def trainable_config(self, params: dict[str, Any] | None = None) -> StrictModel:
         """The trainable's config of a trial with sampled ``params``."""
         return registry.get(self.trainable).Config.model_validate({**self.train, **(params or {})})
+
+
+def _hooks_or_none(name: Any):
+    """The family hooks of ``name``, or None when it has none (validation says why later)."""
+    try:
+        return registry.trainable(name)
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 # --- one trial ------------------------------------------------------------------------------
@@ -176,7 +186,7 @@ def run_trial(
     *,
     component: str,
     fixed: dict[str, Any],
-    loop: dict[str, Any],
+    data: Any,
     datasets: dict[str, Any],
     resources: dict[str, Any],
     use_gpu: bool,
@@ -186,7 +196,7 @@ def run_trial(
     seed: int,
 ) -> None:
     """The Tune trainable: fits one ``TorchTrainer`` with the sampled ``params``, or runs the
-    trainable's own trial function.
+    family's own trial function.
 
     Raises:
         pydantic.ValidationError: the sampled config is not valid for the trainable.
@@ -196,22 +206,19 @@ def run_trial(
     from ray.train import CheckpointConfig, DataConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    adapter = adapters.get(component)
-    if adapter.trial is not None:
-        adapter.load_trial()(params, fixed=fixed, resources=resources, seed=seed)
+    from components.training import Loop
+
+    trainable = registry.trainable(component)
+    if trainable.trial is not None:
+        trainable.trial(params, fixed=fixed, resources=resources, seed=seed)
         return
     config = registry.get(component).Config.model_validate({**fixed, **params})
     trial_id = tune.get_context().get_trial_id()
     per_worker = {"CPU": resources["cpus_per_worker"], **({"GPU": 1} if use_gpu else {})}
+    loop = Loop(config=config.model_dump(mode="json"), data=data, trial=(trial_id, groups))
     trainer = TorchTrainer(
         train_in_trial,
-        train_loop_config={
-            **loop,
-            "config": config.model_dump(mode="json"),
-            "progress": None,
-            "component": component,
-            "trial": (trial_id, groups),
-        },
+        train_loop_config={**loop.as_train_config(), "component": component},
         scaling_config=ScalingConfig(
             num_workers=resources["workers"], use_gpu=use_gpu, resources_per_worker=per_worker
         ),
@@ -219,28 +226,28 @@ def run_trial(
             # Unique per trial: Train resumes a run whose name and storage it finds again.
             name=f"{run_name}-{trial_id}",
             storage_path=storage,
-            callbacks=[_report_callback(next(iter(adapter.epoch_metrics)))],
+            callbacks=[_report_callback(next(iter(trainable.epoch_metrics)))],
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=list(adapter.split)),
+        dataset_config=DataConfig(datasets_to_split=list(trainable.split)),
     )
     trainer.fit()
 
 
-def train_in_trial(loop: dict[str, Any]) -> None:
-    """The trainable's own ``train_func``, after rank 0 has told the search which placement
-    group holds this trial's workers (see :class:`_FreeStoppedTrials`)."""
+def train_in_trial(config: dict[str, Any]) -> None:
+    """The family's own ``train_func``, after rank 0 has told the search which placement
+    group holds this trial's workers (see :func:`_free_stopped_trials`)."""
     import ray
 
     from components import training
 
-    trial_id, groups = loop["trial"]
+    trial_id, groups = training.loop_of(config).trial
     group = ray.util.get_current_placement_group()
     if training.world()[0] == 0 and group is not None:
         groups.put((trial_id, group.id.hex()))
-    adapters.get(loop["component"]).load_train_func()(loop)
+    registry.trainable(config["component"]).train_func(config)
 
 
 def _free_stopped_trials(groups: Any):
@@ -305,33 +312,41 @@ def concurrent_trials(
 class TuneSearch(Component):
     """Searches the hyperparameters of a trainable component with Ray Tune."""
 
-    name = "tune.search"
-    version = "1"
+    version = "2"  # 2: the best trial exported as a model bundle
     Config = SearchConfig
+    produces = "model"  # the trainable's model kind: see artifact_kind
+
+    def artifact_kind(self, config: SearchConfig, ctx: StageContext) -> str:
+        """The kind of the trainable's model: the search exports its best trial's model as
+        the trainable would, for every consumer of that kind."""
+        return registry.trainable(config.trainable).produces
 
     def run(self, ctx: StageContext, config: SearchConfig) -> dict[str, Any]:
         import ray
         from ray import tune
         from ray.util.queue import Queue
 
-        adapter = adapters.get(config.trainable)
-        data = adapter.prepare(ctx)
+        trainable = registry.trainable(config.trainable)
+        data = trainable.prepare(ctx)
+        # Read once into the object store: every trial shares the blocks, and no trial waits
+        # for a free CPU to re-read shards while the others' workers hold every CPU.
+        datasets = {split: ds.materialize() for split, ds in data.datasets.items()}
         cluster = ray.cluster_resources()
         use_gpu = ctx.resources.use_gpu(cluster.get("GPU", 0))
-        trial_cpus = adapter.trial_cpus(ctx.resources, config.trainable_config())
+        trial_cpus = trainable.trial_cpus(ctx.resources, config.trainable_config())
         concurrent = config.max_concurrent_trials or concurrent_trials(
             ctx.resources, cluster, use_gpu, trial_cpus
         )
         groups = Queue(actor_options={"num_cpus": 0})  # trial id -> its workers' group
         run_name = f"search-{time.strftime('%Y%m%d-%H%M%S')}-{ctx.run_id[:8]}"
         scratch = str(ctx.scratch_dir).rstrip("/")
-        trainable = tune.with_resources(
+        trial_function = tune.with_resources(
             tune.with_parameters(
                 run_trial,
                 component=config.trainable,
                 fixed=config.train,
-                loop=data.loop,
-                datasets=data.datasets,
+                data=data.spec,
+                datasets=datasets,
                 resources=ctx.resources.model_dump(),
                 use_gpu=use_gpu,
                 storage=f"{scratch}/trials",
@@ -342,11 +357,11 @@ class TuneSearch(Component):
             # A Train trial only drives its TorchTrainer (whose controller holds no CPU
             # either): it asks for memory alone, so its CPUs are exactly its workers' CPUs.
             # An RL trial learns (and, without env runners, samples) in its own process.
-            {"CPU": 0 if adapter.trial is None else 1, "memory": TRIAL_DRIVER_MEMORY},
+            {"CPU": 0 if trainable.trial is None else 1, "memory": TRIAL_DRIVER_MEMORY},
         )
         ctx.progress(note=f"{config.num_samples()} samples, {concurrent} trial(s) at once")
         tuner = tune.Tuner(
-            trainable,
+            trial_function,
             param_space={key: dim.to_tune() for key, dim in config.dimensions().items()},
             tune_config=tune.TuneConfig(
                 metric=config.metric,
@@ -385,7 +400,7 @@ class TuneSearch(Component):
         pick = max if config.mode == "max" else min
         best = pick(ok, key=lambda r: r[f"best/{config.metric}"])
         best_result = next(r for r in grid if _trial_name(r) == best["trial"])
-        test = self._export_best(ctx, config, adapter, data, best, best_result)
+        test = self._export_best(ctx, config, trainable, data, best, best_result)
         return {
             "trials": len(rows),
             "trials_failed": sum(r["status"] == "error" for r in rows),
@@ -400,11 +415,11 @@ class TuneSearch(Component):
             "errors": {r["trial"]: r["error"] for r in rows if r["status"] == "error"},
         }
 
-    def _export_best(self, ctx, config, adapter, data, best, result) -> dict[str, Any]:
-        checkpoint = _checkpoint_of(result, adapter, config)
+    def _export_best(self, ctx, config, trainable, data, best, result) -> dict[str, Any]:
+        checkpoint = _checkpoint_of(result, trainable, config)
         shutil.copytree(checkpoint, ctx.out_dir / CHECKPOINT_DIR)
         trainable_config = config.trainable_config(result.config)
-        test = adapter.export(ctx.out_dir, checkpoint, data, trainable_config)
+        test = trainable.export(ctx.out_dir, checkpoint, data, trainable_config)
         (ctx.out_dir / BEST_FILE).write_text(
             json.dumps(
                 {
@@ -457,14 +472,14 @@ def _searcher(config: SearchConfig, concurrent: int):
     return BasicVariantGenerator(random_state=config.seed, max_concurrent=concurrent)
 
 
-def _checkpoint_of(result, adapter, config: SearchConfig) -> Path:
+def _checkpoint_of(result, trainable, config: SearchConfig) -> Path:
     """The checkpoint directory to export of a trial: the last one its Train run reported
     (it holds the best epoch where the trainable keeps it), or, for a trial reporting to Tune
     itself, its best (``keeps_best``) or last one."""
     path = result.metrics.get("checkpoint_path")
     if path is None and result.checkpoint is not None:
         checkpoint = result.checkpoint
-        if adapter.keeps_best:
+        if trainable.keeps_best:
             checkpoint = result.get_best_checkpoint(config.metric, config.mode) or checkpoint
         path = checkpoint.path
     if not path:
@@ -483,21 +498,21 @@ def _trial_row(result, config: SearchConfig) -> dict[str, Any]:
     metrics = result.metrics or {}
     params = result.config or {}
     epochs = int(metrics.get("epochs_done", 0))
-    adapter = adapters.get(config.trainable)
+    trainable = registry.trainable(config.trainable)
     if result.error is not None:
         status = "error"
     elif not metrics:
         status = "not started"  # the time budget ran out first
     elif (
         metrics.get("completed")  # a trial function that knows
-        or any(name in metrics for name in adapter.test_metrics)  # the final test report
-        or epochs >= adapter.budget(config.trainable_config(params))
+        or any(name in metrics for name in trainable.test_metrics)  # the final test report
+        or epochs >= trainable.budget(config.trainable_config(params))
     ):
         status = "completed"
     else:
         status = "stopped"  # by ASHA or the time budget
     row: dict[str, Any] = {"trial": _trial_name(result), "status": status, "epochs_run": epochs}
-    for name in adapter.epoch_metrics:
+    for name in trainable.epoch_metrics:
         row[name] = _number(metrics.get(name))
     history = result.metrics_dataframe
     values = (
@@ -509,7 +524,7 @@ def _trial_row(result, config: SearchConfig) -> dict[str, Any]:
         best, at = None, None
     else:
         at = values.index[-1]
-        if adapter.keeps_best:
+        if trainable.keeps_best:
             at = values.idxmax() if config.mode == "max" else values.idxmin()
         best = values[at]
         at = history["epochs_done"][at] if "epochs_done" in history else None

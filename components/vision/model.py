@@ -72,21 +72,39 @@ class Classifier(nn.Module):
         return cls(**{**hparams, "image_size": tuple(hparams["image_size"])})
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Counts (true class, predicted class) pairs: rows are true classes."""
-    index = target.long() * num_classes + pred.long()
-    return torch.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
+def load(bundle) -> ClassifierModel:
+    """The loader a ``model/classifier`` bundle names: the trained classifier, ready to predict."""
+    return ClassifierModel(bundle)
 
 
-def scores(confusion: torch.Tensor) -> dict[str, float]:
-    """Accuracy and macro-F1 from a confusion matrix (a class absent from both counts 0)."""
-    confusion = confusion.double()
-    tp = confusion.diag()
-    precision = tp / confusion.sum(0).clamp(min=1)
-    recall = tp / confusion.sum(1).clamp(min=1)
-    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-    present = (confusion.sum(0) + confusion.sum(1)) > 0
-    return {
-        "accuracy": float(tp.sum() / confusion.sum().clamp(min=1)),
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-    }
+class ClassifierModel:
+    """A trained classifier for inference (CPU, eval mode): what ``bundle.load_model`` gives.
+
+    Attributes:
+        module: the :class:`Classifier`.
+        bundle: its bundle (normalization in ``bundle.meta``, classes in ``bundle.labels``).
+    """
+
+    def __init__(self, bundle):
+        self.bundle = bundle
+        weights = bundle.weights()["model"]  # read first: a bad file fails before anything
+        self.module = Classifier.from_hparams(bundle.hparams)
+        self.module.load_state_dict(weights)
+        self.module.eval()
+
+    def logits(self, images, batch_size: int = 512) -> torch.Tensor:
+        """Logits of normalized float32 images (N, C, H, W) (numpy or tensor)."""
+        import numpy as np
+
+        x = torch.as_tensor(np.array(images, dtype=np.float32))  # a writable copy
+        with torch.no_grad():
+            parts = [self.module(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+        return torch.cat(parts) if parts else torch.zeros(0, self.bundle.hparams["num_classes"])
+
+    def predict(self, images, batch_size: int = 512) -> torch.Tensor:
+        """Class predictions of normalized float32 images (N, C, H, W)."""
+        return self.logits(images, batch_size).argmax(1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features of normalized images (what Frechet distances compare)."""
+        return self.module.features(x)

@@ -1,8 +1,10 @@
-"""``vision.train``: trains the CNN classifier on a ``data.prepare`` artifact with Ray Train.
+"""``vision.train``: trains the CNN classifier on an image dataset with Ray Train.
 
 Read top to bottom: the config, the per-worker loop (``train_func``: the same function serves
-the stage, Tune and the tests), the stage that drives it, and the loader for inference.
-Shared mechanics (checkpoint, resume, report, precision) live in ``components/training.py``.
+the stage, Tune and the tests), and the stage that drives it. Reading the data, exporting,
+loading and scoring the model are the family's hooks in ``tuning.py``; the network is in
+``model.py``; shared Train mechanics (checkpoint, resume, report, precision) live in
+``components/training.py``.
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from components.api import Component, StageContext, StrictModel
+from components.contract import TrialData
 from components.training import TrainSettings
-
-MODEL_FILE = "model.pt"
 
 
 class EarlyStopping(StrictModel):
@@ -69,24 +70,39 @@ class VisionTrainConfig(TrainSettings):
 # --- the per-worker loop ------------------------------------------------------------------
 
 
-def train_func(loop: dict[str, Any]) -> None:
+def build_classifier(spec, cfg: VisionTrainConfig):
+    """The classifier a config describes, for images of ``spec`` (an ``ImageSpec``)."""
+    from components.vision.model import Classifier
+
+    c, h, w = spec.image_shape
+    return Classifier(
+        c,
+        spec.num_classes,
+        (h, w),
+        width=cfg.width,
+        depth=cfg.depth,
+        dropout=cfg.dropout,
+        batch_norm=cfg.batch_norm,
+    )
+
+
+def train_func(config: dict[str, Any]) -> None:
     """Trains on this worker's shard of ``train``; evaluates on ``val`` every epoch and on
-    ``test`` at the end with the best model. ``loop`` holds ``config`` (a VisionTrainConfig
-    as a dict), ``image_shape``, ``num_classes``, ``normalization`` (saved in every
-    checkpoint with the config) and ``progress`` (a queue, or None)."""
+    ``test`` at the end with the best model. ``config`` holds the ``training.Loop``: this
+    component's config and the data's ``ImageSpec``."""
     import ray.train
     import torch
     from torch import nn
 
     from components import training
-    from components.vision.model import Classifier
 
-    cfg = VisionTrainConfig.model_validate(loop["config"])
+    loop = training.loop_of(config)
+    cfg = loop.settings(VisionTrainConfig)
+    spec = loop.data
     dev = training.device()
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    c, h, w = loop["image_shape"]
-    num_classes = loop["num_classes"]
-    model = Classifier(c, num_classes, (h, w), cfg.width, cfg.depth, cfg.dropout, cfg.batch_norm)
+    num_classes = spec.num_classes
+    model = build_classifier(spec, cfg)
     model.to(dev)
     optimizer = _optimizer(model, cfg)
     scheduler = _scheduler(optimizer, cfg)
@@ -115,8 +131,7 @@ def train_func(loop: dict[str, Any]) -> None:
             "best": best,
             "stopped": stopped,
             "resumed_from": resumed_from,
-            "config": loop["config"],
-            "normalization": loop["normalization"],
+            "config": loop.config,
         }
 
     train_shard = ray.train.get_dataset_shard("train")
@@ -162,22 +177,17 @@ def train_func(loop: dict[str, Any]) -> None:
             best = {"value": value, "epoch": epoch, "model": training.cpu_state_dict(model)}
         best["stale"] = epoch - best["epoch"]
         stopped = stop is not None and best["stale"] >= stop.patience
-        training.report(metrics, snapshot(epoch), loop.get("progress"))
+        training.report(metrics, snapshot(epoch), loop.progress)
         if stopped:
             break
 
-    ranks = training.rank_fingerprints(model)  # the trained weights, before the best reload
+    # Every rank's digest of the trained weights, before the best epoch's are loaded back.
+    final = training.final_state(snapshot(max(epoch, start_epoch - 1)), model)
     # The final test evaluation uses the best model, as the artifact will.
     training.unwrap(model).load_state_dict(best["model"])
     test = evaluate(model, ray.train.get_dataset_shard("test"), criterion, num_classes, dev, cfg)
-    stopped = True  # a restart after this point only repeats the test evaluation
-    final = {
-        **snapshot(max(epoch, start_epoch - 1)),
-        "test": test,
-        "hparams": training.unwrap(model).hparams,
-        "world_size": training.world()[1],
-        "ranks": ranks,
-    }
+    # stopped: a restart after this point only repeats the test evaluation.
+    final.update(stopped=True, test=test, hparams=training.unwrap(model).hparams)
     training.report({"epoch": epoch, "test/accuracy": test["accuracy"]}, final)
 
 
@@ -190,7 +200,7 @@ def evaluate(model, shard, criterion, num_classes: int, dev, cfg: VisionTrainCon
     import torch
 
     from components import training
-    from components.vision.model import confusion_matrix, scores
+    from components.metrics import confusion_matrix, scores
 
     model = training.unwrap(model)
     model.eval()
@@ -239,68 +249,42 @@ def _scheduler(optimizer, cfg: VisionTrainConfig):
 class VisionTrain(Component):
     """Trains the CNN classifier on a prepared image dataset (Ray Train, DDP)."""
 
-    name = "vision.train"
-    version = "1"
+    version = "2"  # 2: the model bundle (bundle.json + weights.pt)
     Config = VisionTrainConfig
+    produces = "model/classifier"
+    trainable = "components.vision.tuning:TRAINABLE"
 
     def run(self, ctx: StageContext, config: VisionTrainConfig) -> dict[str, Any]:
         from components import training
-        from components.data.dataset import load_dataset_info, read_split
 
-        data = ctx.input("data.")
-        info = load_dataset_info(data.path)
-        check_dataset(info, data.stage)
-        datasets = {split: read_split(data.path, split) for split in ("train", "val", "test")}
-        state = training.fit(
-            train_func,
-            {
-                "config": config.model_dump(mode="json"),
-                "image_shape": list(info.image_shape),
-                "num_classes": info.num_classes,
-                "normalization": info.normalization,
-            },
-            ctx,
-            config,
-            datasets,
-            data_bytes=sum(shard["bytes"] for shard in info.shards),
-        )
-        for point in state["history"]:
-            ctx.report(step=point["epoch"], **{k: v for k, v in point.items() if k != "epoch"})
-        test = state["test"]
-        export(
-            ctx.out_dir,
-            state["best"]["model"],
-            state["hparams"],
-            info,
-            config,
-            {"test/accuracy": test["accuracy"], "test/macro_f1": test["macro_f1"]},
-        )
-        write_confusion(ctx.out_dir, test["confusion"], info.class_names)
+        data = prepare(ctx)
+        result = training.fit(train_func, config, ctx, data)
+        state, test = result.state, result.state["test"]
+        scores = {"test/accuracy": test["accuracy"], "test/macro_f1": test["macro_f1"]}
+        save(ctx.out_dir, state["best"]["model"], state["hparams"], data, config, scores)
+        write_confusion(ctx.out_dir, test["confusion"], data.spec.class_names)
         return {
-            "test/accuracy": test["accuracy"],
-            "test/macro_f1": test["macro_f1"],
+            **scores,
             "test/loss": test["loss"],
             "test/rows": test["rows"],
             "best_epoch": state["best"]["epoch"],
             "best/val_metric": state["best"]["value"],
-            **training.summary(state),
+            **result.summary(),
         }
 
 
-# --- the artifact: export and load for inference ------------------------------------------
+# --- the family's data and model bundle (also used by tuning.py) ---------------------------
+
+SPLITS = ("train", "val", "test")
 
 
 def check_dataset(info, stage: str) -> None:
-    """Refuses data a classifier cannot learn from: not images, or fewer than two classes (a
-    one-class softmax reaches loss 0 and accuracy 1.0 and learns nothing).
+    """Refuses data a classifier cannot learn from: fewer than two classes (a one-class
+    softmax reaches loss 0 and accuracy 1.0 and learns nothing).
 
     Raises:
         ValueError: naming the data stage and what it produced.
     """
-    if info.kind != "image":
-        raise ValueError(
-            f"vision.train needs an image dataset; stage {stage!r} produced {info.kind}"
-        )
     if info.num_classes < 2:
         raise ValueError(
             f"vision.train needs at least 2 classes; stage {stage!r} produced "
@@ -308,41 +292,71 @@ def check_dataset(info, stage: str) -> None:
         )
 
 
-def export(out_dir: Path, weights, hparams, info, config: VisionTrainConfig, metrics) -> None:
-    """Writes ``model.pt``: weights, architecture, normalization, classes, config, metrics."""
-    from components import training
+def prepare(ctx: StageContext) -> TrialData:
+    """The image dataset in ``needs:``: its splits (read lazily) and its ``ImageSpec``."""
+    from components.data.dataset import ImageSpec, read_image_dataset, read_split
 
-    training.save_model(out_dir / MODEL_FILE, weights, hparams, info, config, metrics)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    data = ctx.input("dataset")
+    info = read_image_dataset(data, "vision.train")
+    check_dataset(info, data.stage)
+    return TrialData(
+        datasets={split: read_split(data.path, split) for split in SPLITS},
+        spec=ImageSpec.of(info),
+        data_dir=data.path,
+        data_stage=data.stage,
+        data_bytes=sum(shard["bytes"] for shard in info.shards),
+    )
 
 
-def load_classifier(artifact_dir: str | Path):
-    """Rebuilds the trained classifier from a ``vision.train`` artifact, ready for inference.
+def describe(hparams: dict, spec, config: VisionTrainConfig, metrics: dict):
+    """The bundle of a classifier of ``spec``'s images (no weights yet)."""
+    from components.bundle import Bundle
 
-    Returns:
-        (model in eval mode on the CPU, the saved bundle: normalization, classes, metrics...)
-    """
+    return Bundle(
+        component="vision.train",
+        kind="model/classifier",
+        loader="components.vision.model:load",
+        input=spec.input_spec(),
+        output={"type": "classes", "num_classes": spec.num_classes},
+        labels=list(spec.class_names),
+        hparams=hparams,
+        config=config.model_dump(mode="json"),
+        metrics=metrics,
+        meta={"normalization": spec.normalization},
+    )
+
+
+def save(out_dir: Path, weights, hparams: dict, data: TrialData, config, metrics: dict) -> None:
+    """Writes the classifier's bundle (``bundle.json``, ``weights.pt``) into ``out_dir``."""
+    from components.bundle import save_bundle
+
+    save_bundle(out_dir, describe(hparams, data.spec, config, metrics), {"model": weights})
+
+
+def test_scores(model, data_dir: Path) -> dict[str, Any]:
+    """Test accuracy, macro-F1 and loss of a loaded classifier on a data artifact."""
     import torch
 
-    from components.vision.model import Classifier
+    from components.data.dataset import load_numpy
+    from components.metrics import confusion_matrix, scores
 
-    bundle = torch.load(Path(artifact_dir) / MODEL_FILE, map_location="cpu", weights_only=True)
-    model = Classifier.from_hparams(bundle["hparams"])
-    model.load_state_dict(bundle["model"])
-    model.eval()
-    return model, bundle
-
-
-def predict(model, images, batch_size: int = 512):
-    """Class predictions for normalized float32 images (N, C, H, W) (numpy or tensor)."""
-    import numpy as np
-    import torch
-
-    x = torch.as_tensor(np.array(images, dtype=np.float32))  # a writable copy
-    with torch.no_grad():
-        return torch.cat(
-            [model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]
+    x, y = load_numpy(data_dir, "test")
+    shape = model.bundle.input["shape"]
+    if list(x.shape[1:]) != list(shape):
+        raise ValueError(
+            f"the model takes images {list(shape)}, the test split of {data_dir} has "
+            f"{list(x.shape[1:])}"
         )
+    logits = model.logits(x)
+    target = torch.as_tensor(y)
+    num_classes = model.bundle.output["num_classes"]
+    result = scores(confusion_matrix(logits.argmax(1), target, num_classes))
+    return {
+        "test/accuracy": result["accuracy"],
+        "test/macro_f1": result["macro_f1"],
+        "test/loss": float(torch.nn.functional.cross_entropy(logits, target)),
+        "test/rows": len(y),
+    }
 
 
 def write_confusion(out_dir: Path, confusion: list[list[int]], class_names: list[str]) -> None:

@@ -39,7 +39,7 @@ def run(p, **kw):
 
 
 def value_of(record, stage) -> float:
-    return json.loads((Path(record.stages[stage]["artifact"]) / "out.json").read_text())["value"]
+    return json.loads((Path(record.stages[stage].artifact) / "out.json").read_text())["value"]
 
 
 def test_parallel_stages_overlap_and_dependents_wait(ray_local, tmp_path):
@@ -47,13 +47,13 @@ def test_parallel_stages_overlap_and_dependents_wait(ray_local, tmp_path):
     assert record.ok, record.error
     st = record.stages
     # a and b ran at the same time; c started only after both ended.
-    assert st["a"]["start"] < st["b"]["end"] and st["b"]["start"] < st["a"]["end"]
-    assert st["c"]["start"] >= max(st["a"]["end"], st["b"]["end"])
-    assert st["d"]["start"] >= st["c"]["end"]
+    assert st["a"].start < st["b"].end and st["b"].start < st["a"].end
+    assert st["c"].start >= max(st["a"].end, st["b"].end)
+    assert st["d"].start >= st["c"].end
     assert value_of(record, "d") == 1 + 2 + 3 + 4
     saved = json.loads((tmp_path / "store" / "runs" / record.run_id / "run.json").read_text())
     assert saved["status"] == "succeeded" and set(saved["stages"]) == set("abcde")
-    manifest = json.loads((Path(st["c"]["artifact"]) / "manifest.json").read_text())
+    manifest = json.loads((Path(st["c"].artifact) / "manifest.json").read_text())
     assert manifest["component"] == "test.sleep" and manifest["files"]["out.json"]["sha256"]
     assert set(manifest["inputs"]) == {"a", "b"} and manifest["config"]["value"] == 3
 
@@ -61,10 +61,10 @@ def test_parallel_stages_overlap_and_dependents_wait(ray_local, tmp_path):
 def test_rerun_is_all_cached_and_a_change_recomputes_only_descendants(ray_local, tmp_path):
     first, _ = run(pipeline(tmp_path, DIAMOND))
     second, _ = run(pipeline(tmp_path, DIAMOND))
-    assert second.ok and all(s["cache_hit"] for s in second.stages.values())
+    assert second.ok and all(s.cache_hit for s in second.stages.values())
     assert second.run_id != first.run_id
     changed, _ = run(pipeline(tmp_path, DIAMOND, overrides=["b.value=20"]))
-    hits = {name: s["cache_hit"] for name, s in changed.stages.items()}
+    hits = {name: s.cache_hit for name, s in changed.stages.items()}
     assert hits == {"a": True, "b": False, "c": False, "d": False, "e": True}
     assert value_of(changed, "d") == 1 + 20 + 3 + 4
 
@@ -72,7 +72,7 @@ def test_rerun_is_all_cached_and_a_change_recomputes_only_descendants(ray_local,
 def test_force_recomputes_stage_and_descendants(ray_local, tmp_path):
     run(pipeline(tmp_path, DIAMOND))
     forced, _ = run(pipeline(tmp_path, DIAMOND), force=["c"])
-    hits = {name: s["cache_hit"] for name, s in forced.stages.items()}
+    hits = {name: s.cache_hit for name, s in forced.stages.items()}
     assert hits == {"a": True, "b": True, "c": False, "d": False, "e": True}
     with pytest.raises(spec.PipelineError, match="no stage named 'zz'"):
         engine.Runner(pipeline(tmp_path, DIAMOND), force=["zz"])
@@ -82,7 +82,7 @@ def test_force_recomputes_stage_and_descendants(ray_local, tmp_path):
 @pytest.mark.parametrize("damage", ["delete", "corrupt", "truncate", "manifest"])
 def test_broken_cached_artifact_is_detected_and_recomputed(ray_local, tmp_path, damage):
     first, _ = run(pipeline(tmp_path, DIAMOND))
-    art = Path(first.stages["c"]["artifact"])
+    art = Path(first.stages["c"].artifact)
     target = art / "out.json"
     if damage == "delete":
         target.unlink()
@@ -94,13 +94,13 @@ def test_broken_cached_artifact_is_detected_and_recomputed(ray_local, tmp_path, 
         (art / "manifest.json").unlink()
     again, lines = run(pipeline(tmp_path, DIAMOND))
     assert again.ok
-    assert not again.stages["c"]["cache_hit"]
-    assert again.stages["a"]["cache_hit"] and again.stages["b"]["cache_hit"]
+    assert not again.stages["c"].cache_hit
+    assert again.stages["a"].cache_hit and again.stages["b"].cache_hit
     if damage != "manifest":
-        assert "out.json" in again.stages["c"]["recomputed_because"]
+        assert "out.json" in again.stages["c"].recomputed_because
         assert any("cached artifact is broken" in line for line in lines)
     assert value_of(again, "c") == 6
-    Store(str(tmp_path / "store")).verify("test.sleep", again.stages["c"]["cache_key"])
+    Store(str(tmp_path / "store")).verify("test.sleep", again.stages["c"].cache_key)
 
 
 @pytest.mark.reliability
@@ -113,12 +113,12 @@ def test_failing_stage_fails_run_publishes_nothing_and_skips_dependents(ray_loca
 """
     record, _ = run(pipeline(tmp_path, stages))
     assert record.status == "failed"
-    assert record.stages["bad"]["status"] == "failed"
-    assert record.stages["bad"]["error"] == "RuntimeError: boom at row 7"
-    trace = record.stages["bad"]["traceback"]
+    assert record.stages["bad"].status == "failed"
+    assert record.stages["bad"].error == "RuntimeError: boom at row 7"
+    trace = record.stages["bad"].traceback
     assert "raise RuntimeError(config.message)" in trace and "\x1b[" not in trace
-    assert record.stages["after"]["status"] == "skipped"
-    assert record.stages["other"]["status"] == "succeeded"
+    assert record.stages["after"].status == "skipped"
+    assert record.stages["other"].status == "succeeded"
     assert "stage 'bad' failed" in record.error
     artifacts = tmp_path / "store" / "artifacts"
     assert not (artifacts / "test.fail").exists(), "a failed stage published an artifact"
@@ -132,9 +132,9 @@ def test_store_on_a_pyarrow_uri(ray_local, tmp_path):
     # Another store with the same stage keys but other bytes (each out.json holds its pid):
     # the local copies of the two stores' artifacts must never be mixed up.
     other, _ = run(pipeline(tmp_path, DIAMOND, storage=f"file://{tmp_path}/other-store"))
-    assert other.ok and other.stages["a"]["cache_key"] == first.stages["a"]["cache_key"]
+    assert other.ok and other.stages["a"].cache_key == first.stages["a"].cache_key
     second, lines = run(pipeline(tmp_path, DIAMOND, storage=uri))
-    assert all(s["cache_hit"] for s in second.stages.values()), lines
+    assert all(s.cache_hit for s in second.stages.values()), lines
     assert engine.load_record(Store(uri), first.run_id).status == "succeeded"
 
 
@@ -237,12 +237,12 @@ def test_an_edited_source_file_is_read_again(ray_local, tmp_path):
         f"    with: {{source: {{kind: csv, paths: [{csv}]}}, split: {{val: 0.2, test: 0.2}}}}\n"
     )
     first, _ = run(pipeline(tmp_path, stages))
-    assert first.stages["prepare"]["metrics"]["data/rows_in"] == 40
+    assert first.stages["prepare"].metrics["data/rows_in"] == 40
     again, _ = run(pipeline(tmp_path, stages))
-    assert again.stages["prepare"]["cache_hit"]
+    assert again.stages["prepare"].cache_hit
     csv.write_text("x,label\n" + "".join(f"{i},{i % 2}\n" for i in range(60)))
     stat = csv.stat()
     os.utime(csv, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     edited, _ = run(pipeline(tmp_path, stages))
-    assert not edited.stages["prepare"]["cache_hit"]
-    assert edited.stages["prepare"]["metrics"]["data/rows_in"] == 60
+    assert not edited.stages["prepare"].cache_hit
+    assert edited.stages["prepare"].metrics["data/rows_in"] == 60

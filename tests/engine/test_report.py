@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import engine, spec
+from pipelines.record import StageEntry, Status
 from pipelines.report import write_report
 from pipelines.store import Store
 
@@ -92,11 +93,11 @@ def test_runs_of_one_pipeline_compare_key_metrics(tmp_path):
             force=[],
             status="succeeded",
             stages={
-                "clf": {
-                    "uses": "vision.train",
-                    "status": "succeeded",
-                    "metrics": {"test/accuracy": acc, "train/samples_per_s": 5.0},
-                }
+                "clf": StageEntry(
+                    uses="vision.train",
+                    status=Status.SUCCEEDED,
+                    metrics={"test/accuracy": acc, "train/samples_per_s": 5.0},
+                )
             },
         )
         store.write_run_file(run_id, "run.json", record.to_json())

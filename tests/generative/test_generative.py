@@ -51,7 +51,7 @@ def storage(tmp_path_factory):
 
 
 def history(record, stage: str) -> list[dict]:
-    art = Path(record.stages[stage]["artifact"])
+    art = Path(record.stages[stage].artifact)
     return [json.loads(line) for line in (art / "history.jsonl").read_text().splitlines()]
 
 
@@ -70,7 +70,7 @@ def trained(ray_local, storage):
 
 
 def test_vae_test_elbo_improves_and_terms_are_reported(trained):
-    m = trained.stages["vae"]["metrics"]
+    m = trained.stages["vae"].metrics
     # Test ELBO (nats per image) rises from the untrained model's by a wide margin.
     assert m["test/elbo"] > m["test/elbo_init"] + 5, m
     assert m["test/elbo"] == pytest.approx(-(m["test/recon"] + m["test/kl"]), rel=1e-6)
@@ -85,7 +85,7 @@ def test_vae_test_elbo_improves_and_terms_are_reported(trained):
 
 
 def test_gan_frechet_distance_falls_below_half_of_init_and_below_noise(trained):
-    m = trained.stages["gan"]["metrics"]
+    m = trained.stages["gan"].metrics
     assert m["eval/fd_classifier"] < 0.5 * m["eval/fd_classifier_init"], m
     assert m["eval/fd_classifier"] < m["eval/fd_classifier_noise"], m
     # The floor (real train digits against real test digits) is below the model.
@@ -98,34 +98,37 @@ def test_gan_frechet_distance_falls_below_half_of_init_and_below_noise(trained):
 def test_artifacts_hold_grids_per_epoch_and_sample_grid_works(trained, tmp_path):
     from PIL import Image
 
-    from components.generative.sampling import load_generator, sample_grid
+    from components.bundle import load_model
 
     for stage, epochs in (("vae", 8), ("gan", 15)):
-        art = Path(trained.stages[stage]["artifact"])
+        art = Path(trained.stages[stage].artifact)
         grids = sorted((art / "samples").glob("epoch_*.png"))
         assert len(grids) == epochs
         assert (art / "samples.png").read_bytes()[:4] == b"\x89PNG"
-        model, bundle = load_generator(art)
-        assert bundle["kind"] == stage and bundle["normalization"]["method"] == "standard"
-        png = sample_grid(art, 64, None, tmp_path / f"{stage}.png")
+        model = load_model(art)
+        bundle = model.bundle
+        assert (
+            bundle.kind == f"model/{stage}" and bundle.meta["normalization"]["method"] == "standard"
+        )
+        png = model.sample_grid(64, None, tmp_path / f"{stage}.png")
         assert Image.open(png).size == (4 * (8 * 9 + 1),) * 2
         with pytest.raises(ValueError, match="unconditional"):
-            sample_grid(art, 4, 3, tmp_path / "x.png")
+            model.sample_grid(4, 3, tmp_path / "x.png")
 
 
 def test_conditional_models_draw_the_requested_digit(trained, tmp_path):
-    from components.generative.sampling import load_generator, sample_grid
+    from components.bundle import load_model
 
     record = trained
     for stage in ("cvae", "cgan"):
-        m = record.stages[stage]["metrics"]
+        m = record.stages[stage].metrics
         # Chance is 0.1: the classifier must see the asked-for digit most of the time.
         assert m["eval/cond_accuracy"] > 0.5, (stage, m["eval/cond_accuracy_per_label"])
         assert len(m["eval/cond_accuracy_per_label"]) == 10
-        art = Path(record.stages[stage]["artifact"])
-        assert sample_grid(art, 16, 3, tmp_path / f"{stage}-3.png").is_file()
-        model, _ = load_generator(art)
-        assert model.num_classes == 10
+        art = Path(record.stages[stage].artifact)
+        model = load_model(art)
+        assert model.sample_grid(16, 3, tmp_path / f"{stage}-3.png").is_file()
+        assert model.module.num_classes == 10
 
 
 # Conditional, hinge loss and spectral norm: the projection embedding and spectral norm's
@@ -137,7 +140,7 @@ MULTI_NODE_GAN = "{epochs: 3, width: 8, conditional: true, loss: hinge, spectral
 def test_gan_on_two_nodes_ends_with_identical_generator_and_discriminator(ray_cluster, storage):
     two = "{workers: 2, cpus_per_worker: 1}"
     record = run(generative_pipeline(storage, {"gan2": ("generative.gan", MULTI_NODE_GAN, two)}))
-    m = record.stages["gan2"]["metrics"]
+    m = record.stages["gan2"].metrics
     ranks = m["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1]
     assert len({r["node"] for r in ranks}) == 2, "both workers ran on one node"
@@ -162,7 +165,7 @@ def test_worker_killed_mid_training_resumes_from_checkpoint(
     with_ = f"{{epochs: {epochs}, {settings}, max_failures: 2}}"
     pipeline = generative_pipeline(storage, {stage: (component, with_, "{workers: 1}")})
     record, _ = kill_train_worker_mid_run(lambda: run(pipeline), storage, stage, metric)
-    m = record.stages[stage]["metrics"]
+    m = record.stages[stage].metrics
     assert m["resumed_from_epoch"] is not None and m["resumed_from_epoch"] >= 1, m
     assert m["epochs_run"] == epochs  # each epoch once: the counter did not restart at zero
     steps = [p["step"] for p in history(record, stage)]
@@ -180,7 +183,7 @@ def test_gpu_bf16_steps(ray_local, tmp_path):
     }
     record = run(generative_pipeline(tmp_path / "store", stages))
     for stage in stages:
-        m = record.stages[stage]["metrics"]
+        m = record.stages[stage].metrics
         assert m["use_gpu"] is True
         assert np.isfinite(m["eval/fd_classifier"])
 

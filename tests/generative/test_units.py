@@ -104,7 +104,11 @@ def test_models_shapes_and_conditioning():
 def test_grid_png_and_sample_grid(tmp_path):
     from PIL import Image
 
-    from components.generative.vae import VAEConfig
+    from components.bundle import load_model
+    from components.data.dataset import ImageSpec
+    from components.generative import gan
+    from components.generative.common import save
+    from components.generative.gan import GANConfig
 
     pixels = np.random.default_rng(0).random((10, 1, 8, 8)).astype(np.float32)
     out = sampling.save_grid(pixels, tmp_path / "g.png", scale=2)
@@ -112,18 +116,19 @@ def test_grid_png_and_sample_grid(tmp_path):
     assert image.size == (2 * (4 * 9 + 1), 2 * (3 * 9 + 1))  # 4 columns, 3 rows, 1 px padding
 
     g = models.Generator(1, (8, 8), latent_dim=4, width=8, depth=2, num_classes=10)
-
-    class Info:
-        image_shape, class_names = (1, 8, 8), [str(i) for i in range(10)]
-        normalization = {"method": "standard", "shift": [0.3], "divisor": [0.4]}
-
-    cfg = VAEConfig()
-    sampling.export(tmp_path, "gan", g.state_dict(), g.hparams, Info, cfg, {"x": 1.0})
-    png = sampling.sample_grid(tmp_path, 16, 3, tmp_path / "threes.png")
+    spec = ImageSpec(
+        (1, 8, 8),
+        10,
+        [str(i) for i in range(10)],
+        {"method": "standard", "shift": [0.3], "divisor": [0.4]},
+    )
+    cfg = GANConfig(latent_dim=4, width=8, depth=2, conditional=True)
+    save(tmp_path, gan.FAMILY, g.state_dict(), g.hparams, spec, cfg, {"x": 1.0})
+    model = load_model(tmp_path)
+    png = model.sample_grid(16, 3, tmp_path / "threes.png")
     assert Image.open(png).size == (4 * (4 * 9 + 1), 4 * (4 * 9 + 1))
     with pytest.raises(ValueError, match="outside"):
-        sampling.sample_grid(tmp_path, 4, 10, tmp_path / "x.png")
+        model.sample_grid(4, 10, tmp_path / "x.png")
     # Same seed, same samples.
-    model, bundle = sampling.load_generator(tmp_path)
-    assert bundle["kind"] == "gan"
-    assert np.array_equal(sampling.generate(model, 8, 2), sampling.generate(model, 8, 2))
+    assert model.bundle.kind == "model/gan" and model.bundle.metrics == {"x": 1.0}
+    assert np.array_equal(model.sample(8, 2), model.sample(8, 2))

@@ -198,34 +198,33 @@ def test_bad_data_inputs_fail_clearly_or_are_quarantined(ray_local, tmp_path):
     for name, (_, expected, words) in cases.items():
         st = record.stages[name]
         if expected == "failed":
-            error = st.get("error") or ""
-            outcome[name] = (st["status"], error)
-            assert st["status"] == "failed", (name, st["status"])
+            error = st.error or ""
+            outcome[name] = (st.status, error)
+            assert st.status == "failed", (name, st.status)
             assert words in error, (name, error)
             assert "\n" not in error and error.split(":")[0] in OURS, (name, error)
         elif expected == "kept":
-            assert st["status"] == "succeeded", (name, st.get("error"))
-            dataset = json.loads((Path(st["artifact"]) / "dataset.json").read_text())
+            assert st.status == "succeeded", (name, st.error)
+            dataset = json.loads((Path(st.artifact) / "dataset.json").read_text())
             key, value = words.split("=")
             assert json.dumps(dataset[key]) == value, (name, dataset[key])
             assert dataset["accounting"]["quarantined"] == 0, dataset["accounting"]
         else:
-            assert st["status"] == "succeeded", (name, st.get("error"))
-            dataset = json.loads((Path(st["artifact"]) / "dataset.json").read_text())
+            assert st.status == "succeeded", (name, st.error)
+            dataset = json.loads((Path(st.artifact) / "dataset.json").read_text())
             assert dataset["accounting"]["quarantined_by_reason"].get(words) == 1, dataset
             import pandas as pd
 
             rows = pd.concat(
-                pd.read_parquet(Path(st["artifact"]) / s["path"])
-                for s in dataset["quarantine"]["shards"]
+                pd.read_parquet(Path(st.artifact) / s.path) for s in dataset["quarantine"]["shards"]
             )
             assert rows["reason"].tolist() == [words] and Path(rows["source"][0]).exists()
-    assert record.stages["good"]["status"] == "succeeded"
-    assert record.stages["after_bad"]["status"] == "skipped"
+    assert record.stages["good"].status == "succeeded"
+    assert record.stages["after_bad"].status == "skipped"
     # The good stage's artifact is published and whole although its neighbours failed.
     from pipelines.store import Store
 
-    Store(str(tmp_path / "store")).verify("data.prepare", record.stages["good"]["cache_key"])
+    Store(str(tmp_path / "store")).verify("data.prepare", record.stages["good"].cache_key)
 
 
 # Pipeline files: each a one-line error naming the file (and key), exit code 2, no traceback.

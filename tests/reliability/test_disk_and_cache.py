@@ -87,22 +87,22 @@ def test_disk_full_while_writing_shards(ray_local, tmp_path, small_disk):
 
     assert record.status == "failed"
     st = record.stages["prepare"]
-    assert st["status"] == "failed" and record.stages["after"]["status"] == "skipped"
+    assert st.status == "failed" and record.stages["after"].status == "skipped"
     # One clear line: the cause and the file it could not write.
-    assert "No space left on device" in st["error"], st["error"]
-    assert "cannot write shard" in st["error"] and ".parquet" in st["error"], st["error"]
-    assert "\n" not in st["error"]
+    assert "No space left on device" in st.error, st.error
+    assert "cannot write shard" in st.error and ".parquet" in st.error, st.error
+    assert "\n" not in st.error
     # Nothing partial: no artifact, no leftover temporary output.
     artifacts = storage / "artifacts"
     assert not (artifacts / "data.prepare").exists()
     assert not [p for p in (artifacts / ".tmp").iterdir()], "partial output left behind"
     saved = json.loads((storage / "runs" / record.run_id / "run.json").read_text())
-    assert saved["stages"]["prepare"]["error"] == st["error"]
+    assert saved["stages"]["prepare"]["error"] == st.error
 
     ballast.unlink()  # room again
     again = engine.run_pipeline(pipeline(tmp_path, storage), printer=lines.append)
     assert again.ok, again.error
-    Store(str(storage)).verify("data.prepare", again.stages["prepare"]["cache_key"])
+    Store(str(storage)).verify("data.prepare", again.stages["prepare"].cache_key)
 
 
 STALE = """\
@@ -121,7 +121,7 @@ def test_stale_data_artifact_is_recomputed_and_dependents_stay_cached(ray_local,
     storage = tmp_path / "store"
     first = engine.run_pipeline(pipeline(tmp_path, storage, STALE, "stale"), printer=lambda _: None)
     assert first.ok, first.error
-    art = Path(first.stages["prepare"]["artifact"])
+    art = Path(first.stages["prepare"].artifact)
     shard = sorted((art / "train").glob("*.parquet"))[0]
     original = shard.read_bytes()
     if damage == "deleted":
@@ -134,12 +134,12 @@ def test_stale_data_artifact_is_recomputed_and_dependents_stay_cached(ray_local,
     again = engine.run_pipeline(pipeline(tmp_path, storage, STALE, "stale"), printer=lines.append)
     assert again.ok, again.error
     prep = again.stages["prepare"]
-    assert not prep["cache_hit"]
+    assert not prep.cache_hit
     if damage == "tampered":
-        assert "does not match its sha256" in prep["recomputed_because"]
+        assert "does not match its sha256" in prep.recomputed_because
         assert any("cached artifact is broken" in line for line in lines)
     # Recomputed to the very same shards: same content digest, so the dependent is a cache hit.
-    assert prep["cache_key"] == first.stages["prepare"]["cache_key"]
-    assert again.stages["after"]["cache_hit"], "an identical recompute invalidated a dependent"
-    assert (Path(prep["artifact"]) / shard.relative_to(art)).read_bytes() == original
-    Store(str(storage)).verify("data.prepare", prep["cache_key"])
+    assert prep.cache_key == first.stages["prepare"].cache_key
+    assert again.stages["after"].cache_hit, "an identical recompute invalidated a dependent"
+    assert (Path(prep.artifact) / shard.relative_to(art)).read_bytes() == original
+    Store(str(storage)).verify("data.prepare", prep.cache_key)

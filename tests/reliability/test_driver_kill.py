@@ -198,13 +198,13 @@ def test_driver_killed_during_data_training_and_gate_then_resumed(ray_local, tmp
     # The same bytes as the run that was never interrupted, stage by stage.
     for name in ("prepare", "classifier", "gate"):
         st, ref = final["stages"][name], clean.stages[name]
-        assert st["cache_key"] == ref["cache_key"], name
+        assert st["cache_key"] == ref.cache_key, name
         assert artifact_checksums(st["artifact"], TIMED) == artifact_checksums(
-            ref["artifact"], TIMED
+            ref.artifact, TIMED
         ), name
         Store(str(store)).verify(st["uses"], st["cache_key"])
     ranks = [r["params_sha256"] for r in metrics["ranks"]]
-    assert ranks == [r["params_sha256"] for r in clean.stages["classifier"]["metrics"]["ranks"]]
+    assert ranks == [r["params_sha256"] for r in clean.stages["classifier"].metrics["ranks"]]
     # The killed gate registered nothing: the resumed one made version 1 and promoted it.
     decision = json.loads((Path(final["stages"]["gate"]["artifact"]) / "decision.json").read_text())
     assert decision["promoted"] is True and decision["version"] == "1", decision

@@ -45,9 +45,8 @@ def test_planted_pickles_in_models_and_checkpoints_are_refused(tmp_path):
 
     import torch
 
-    from components.generative.sampling import load_generator
+    from components.bundle import BUNDLE_FILE, Bundle, load_model
     from components.training import load_state
-    from components.vision.train import load_classifier
 
     marker = tmp_path / "pwned"
     # The control: loaded the unsafe way, the file really runs its command.
@@ -55,14 +54,25 @@ def test_planted_pickles_in_models_and_checkpoints_are_refused(tmp_path):
     assert marker.exists(), "the planted file is not hostile; the test proves nothing"
     marker.unlink()
 
+    def bundle_of(loader: str) -> dict:
+        """A well-formed bundle.json naming a family's loader, beside the planted weights."""
+        return Bundle("x", "model/x", loader, {}, {}, {}, {}).describe()
+
     loaders = {
-        "vision.train model.pt": (lambda d: load_classifier(d), "model.pt"),
-        "generative model.pt": (lambda d: load_generator(d), "model.pt"),
-        "Train checkpoint state.pt": (lambda d: load_state(d), "state.pt"),
+        "classifier weights.pt": (load_model, "weights.pt", "components.vision.model:load"),
+        "generator weights.pt": (
+            load_model,
+            "weights.pt",
+            "components.generative.sampling:load_gan",
+        ),
+        "policy weights.pt": (load_model, "weights.pt", "components.rl.policy:load"),
+        "Train checkpoint state.pt": (load_state, "state.pt", None),
     }
-    for what, (load, name) in loaders.items():
+    for what, (load, name, loader) in loaders.items():
         folder = tmp_path / what.split()[0]
         plant(folder / name, marker)
+        if loader:
+            (folder / BUNDLE_FILE).write_text(json.dumps(bundle_of(loader)))
         with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
             load(folder)
         assert not marker.exists(), f"loading a planted {what} ran its code"

@@ -11,7 +11,7 @@ def make_learner():
     """Builds a local DDPG learner with tiny networks (no Ray cluster needed)."""
 
     def build(**training):
-        from components.rl.ddpg import DDPGConfig
+        from components.rl.algorithm import DDPGConfig
 
         config = (
             DDPGConfig()

@@ -16,7 +16,7 @@ import torch
 from ray.rllib.core.columns import Columns
 from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
 
-from components.rl.ddpg import DDPG, TD3, DDPGConfig, TD3Config
+from components.rl.algorithm import DDPG, TD3, DDPGConfig, TD3Config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,7 +43,7 @@ def env_steps(algo) -> int:
 def test_registered_with_tune_by_name():
     from ray.tune.registry import get_trainable_cls
 
-    from components.rl.ddpg import register_with_tune
+    from components.rl.algorithm import register_with_tune
 
     # Registered at import; Tune's registry belongs to the cluster in use, and other tests may
     # have started a new one since (see register_with_tune).

@@ -8,7 +8,7 @@ import pytest
 import torch
 from rl_helpers import BoundsEnv, DiscreteEnv
 
-from components.rl.ddpg import DDPGConfig, check_spaces
+from components.rl.algorithm import DDPGConfig, check_spaces
 from components.rl.replay import FlatReplayBuffer
 
 

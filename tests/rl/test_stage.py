@@ -13,7 +13,7 @@ import torch
 from pydantic import ValidationError
 
 from components.api import Resources, StageContext
-from components.rl.stage import DDPGSettings, DDPGStage
+from components.rl.ddpg import DDPGSettings, DDPGStage
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -110,7 +110,7 @@ def test_stage_resumes_from_its_last_checkpoint_after_a_failure(ray_local, tmp_p
     assert metrics["train/resumed_from_step"] == saved >= 300
     assert second._history[0]["step"] >= saved + 300
     assert metrics["train/env_steps"] >= 900
-    assert (second.out_dir / "policy" / "actor.pt").exists()
+    assert (second.out_dir / "weights.pt").exists() and (second.out_dir / "bundle.json").exists()
 
 
 def test_stage_trains_on_a_registered_custom_env_with_odd_bounds(ray_local, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from components.tune import adapters
+from components import registry
 from components.tune.evaluate import ALIAS, EvaluateConfig, decide, gate
 from pipelines import engine, spec
 
@@ -45,17 +45,17 @@ def test_decide_thresholds_margin_and_first_champion():
 
 def test_the_gate_metric_and_its_direction_follow_the_candidate():
     plain = EvaluateConfig()
-    assert plain.resolved(adapters.get("vision.train")).metric == "test/accuracy"
-    gan = plain.resolved(adapters.get("generative.gan"))
+    assert plain.resolved(registry.trainable("vision.train")).metric == "test/accuracy"
+    gan = plain.resolved(registry.trainable("generative.gan"))
     assert (gan.metric, gan.mode) == ("test/fd_classifier", "min")
-    rl = plain.resolved(adapters.get("rl.ddpg"))
+    rl = plain.resolved(registry.trainable("rl.ddpg"))
     assert (rl.metric, rl.mode) == ("test/episode_return_mean", "max")
     assert EvaluateConfig(metric="test/fd_classifier").mode == "min"  # named without a mode
     # A lower distance wins: 12 beats a champion at 15, 18 does not.
     assert decide({"test/fd_classifier": 12.0}, 15.0, gan)[0]
     assert not decide({"test/fd_classifier": 18.0}, 15.0, gan)[0]
     with pytest.raises(ValueError, match="not scored on test/accuracy"):
-        EvaluateConfig(min={"test/accuracy": 0.9}).resolved(adapters.get("rl.ddpg"))
+        EvaluateConfig(min={"test/accuracy": 0.9}).resolved(registry.trainable("rl.ddpg"))
 
 
 def test_gate_promotes_only_a_better_candidate_and_moves_the_alias(tmp_path):
@@ -193,7 +193,7 @@ def test_gates_in_a_pipeline_promote_the_better_classifier(ray_local, tmp_path):
     path.write_text(PIPELINE.format(storage=tmp_path / "store"))
     record = engine.run_pipeline(spec.load(path), printer=lambda _line: None)
     assert record.ok, record.error
-    m = {name: record.stages[name]["metrics"] for name in record.stages}
+    m = {name: record.stages[name].metrics for name in record.stages}
     weak, strong = m["weak"]["test/accuracy"], m["strong"]["test/accuracy"]
     assert strong > weak + 0.1, (weak, strong)  # the candidates really differ
     # The gate re-scores the exported model on the test split: same number as training said.
@@ -215,6 +215,6 @@ def test_gates_in_a_pipeline_promote_the_better_classifier(ray_local, tmp_path):
     with pytest.raises(mlflow.exceptions.MlflowException):  # never promoted: no champion
         client(uri).get_model_version_by_alias("digits-strict", ALIAS)
     decision = json.loads(
-        (Path(record.stages["gate_weak_again"]["artifact"]) / "decision.json").read_text()
+        (Path(record.stages["gate_weak_again"].artifact) / "decision.json").read_text()
     )
     assert decision["promoted"] is False and decision["champion_version"] == version

@@ -43,7 +43,7 @@ def pipeline(storage: Path, search_with: str, extra: str = "") -> spec.Pipeline:
 
 
 def table(record) -> pd.DataFrame:
-    art = Path(record.stages["search"]["artifact"])
+    art = Path(record.stages["search"].artifact)
     parquet = pd.read_parquet(art / "results.parquet")
     assert len(pd.read_csv(art / "results.csv")) == len(parquet)
     return parquet
@@ -69,11 +69,11 @@ GATE = """\
 
 
 def test_asha_stops_poor_trials_and_the_best_is_exported_and_gated(ray_local, storage):
+    from components.bundle import load_model
     from components.data.dataset import load_numpy
-    from components.vision.train import load_classifier, predict
 
     record = run(pipeline(storage, ASHA, GATE))
-    metrics = record.stages["search"]["metrics"]
+    metrics = record.stages["search"].metrics
     rows = table(record)
     assert len(rows) == 3 and set(rows["status"]) <= {"completed", "stopped"}
     # ASHA cut poor trials short: fewer epochs than samples x epochs.
@@ -85,20 +85,20 @@ def test_asha_stops_poor_trials_and_the_best_is_exported_and_gated(ray_local, st
     assert metrics["best/params"] == {"lr": 1e-2}
 
     # The artifact: best config, checkpoint, and a model that loads like vision.train's.
-    art = Path(record.stages["search"]["artifact"])
+    art = Path(record.stages["search"].artifact)
     chosen = json.loads((art / "best_config.json").read_text())
     assert chosen["config"]["lr"] == pytest.approx(metrics["best/params"]["lr"])
     assert chosen["config"]["epochs"] == 3 and chosen["config"]["width"] == 8
     assert (art / "checkpoint" / "state.pt").is_file()
-    model, bundle = load_classifier(art)
-    x, y = load_numpy(Path(record.stages["prepare"]["artifact"]), "test")
-    accuracy = float((predict(model, x).numpy() == y).mean())
+    model = load_model(art)
+    x, y = load_numpy(Path(record.stages["prepare"].artifact), "test")
+    accuracy = float((model.predict(x).numpy() == y).mean())
     assert accuracy == pytest.approx(metrics["test/accuracy"], abs=1e-9)
     assert accuracy > 0.8  # the best of the search learned the digits
-    assert bundle["config"]["lr"] == pytest.approx(chosen["config"]["lr"])
+    assert model.bundle.config["lr"] == pytest.approx(chosen["config"]["lr"])
 
     # tune.evaluate takes the search artifact; no champion yet, so it becomes champion.
-    gate = record.stages["gate"]["metrics"]
+    gate = record.stages["gate"].metrics
     assert gate["promoted"] and gate["test/accuracy"] == pytest.approx(accuracy, abs=1e-9)
 
 
@@ -114,7 +114,7 @@ GRID = """\
 
 def test_grid_runs_exactly_the_grid_and_failing_trials_keep_their_error(ray_local, storage):
     record = run(pipeline(storage, GRID))
-    metrics = record.stages["search"]["metrics"]
+    metrics = record.stages["search"].metrics
     rows = table(record)
     assert len(rows) == metrics["trials"] == 4  # exactly the grid, once
     combos = set(zip(rows["config/width"], rows["config/early_stopping"], strict=True))
@@ -137,7 +137,7 @@ def test_a_search_whose_trials_all_fail_fails_with_their_errors(ray_local, stora
     )
     record = engine.run_pipeline(pipeline(storage, bad), printer=lambda _line: None)
     assert not record.ok
-    error = record.stages["search"]["error"]
+    error = record.stages["search"].error
     assert "every trial of the search failed" in error and "val/nope" in error, error
 
 
@@ -151,7 +151,7 @@ def test_optuna_searches_with_tpe(ray_local, storage):
     rows = table(record)
     assert len(rows) == 3 and (rows["status"] != "error").all()
     assert rows["config/dropout"].between(0.0, 0.3).all()
-    assert record.stages["search"]["metrics"]["best/val/accuracy"] > 0.5
+    assert record.stages["search"].metrics["best/val/accuracy"] > 0.5
 
 
 def test_a_time_budget_ends_the_search(ray_local, storage):
@@ -162,7 +162,7 @@ def test_a_time_budget_ends_the_search(ray_local, storage):
         "      space: {lr: {loguniform: [1.0e-3, 1.0e-2]}}\n"
     )
     record = run(pipeline(storage, budget))
-    metrics = record.stages["search"]["metrics"]
+    metrics = record.stages["search"].metrics
     rows = table(record)
     finished = rows[rows["status"] == "completed"]
     assert 1 <= len(finished) < 12, rows[["trial", "status", "epochs_run"]]

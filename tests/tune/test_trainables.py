@@ -62,12 +62,12 @@ def run(path: Path, text: str, **fields: str):
 
 def results(record, stage: str) -> tuple[Path, pd.DataFrame, dict]:
     state = record.stages[stage]
-    art = Path(state["artifact"])
-    return art, pd.read_parquet(art / "results.parquet"), state["metrics"]
+    art = Path(state.artifact)
+    return art, pd.read_parquet(art / "results.parquet"), state.metrics
 
 
 def test_generative_searches_rank_by_their_own_metric_and_gate_on_test_scores(ray_local, tmp_path):
-    from components.generative.sampling import load_generator
+    from components.bundle import read_bundle
 
     record = run(tmp_path / "g.yaml", GENERATIVE, storage=str(tmp_path / "store"))
 
@@ -79,15 +79,15 @@ def test_generative_searches_rank_by_their_own_metric_and_gate_on_test_scores(ra
     best = rows.loc[rows["best/val/elbo"].idxmax()]
     assert best["config/lr"] == 3.0e-3 and metrics["best/trial"] == best["trial"]
     assert best["best/val/elbo"] > rows["best/val/elbo"].min() + 5  # nats per image
-    model, bundle = load_generator(art)
-    assert bundle["kind"] == "vae" and bundle["config"]["lr"] == 3.0e-3
+    bundle = read_bundle(art)
+    assert bundle.kind == "model/vae" and bundle.config["lr"] == 3.0e-3
     assert json.loads((art / "best_config.json").read_text())["mode"] == "max"
 
     # Its gate scores the exported VAE on the test split again: the same numbers.
-    gate = record.stages["vae_gate"]["metrics"]
+    gate = record.stages["vae_gate"].metrics
     assert gate["promoted"] and "no champion yet" in gate["reason"]
     assert gate["test/elbo"] == pytest.approx(metrics["test/elbo"], rel=1e-5)
-    decision = Path(record.stages["vae_gate"]["artifact"]) / "decision.json"
+    decision = Path(record.stages["vae_gate"].artifact) / "decision.json"
     assert json.loads(decision.read_text())["metric"] == "test/elbo"
     # The gate's classifier also gives the VAE a sample distance; the search had none.
     assert "test/fd_classifier" not in metrics and gate["test/fd_classifier"] > 0
@@ -99,10 +99,10 @@ def test_generative_searches_rank_by_their_own_metric_and_gate_on_test_scores(ra
     best = rows.loc[rows["best/val/fd_classifier"].idxmin()]
     assert metrics["best/trial"] == best["trial"]
     assert json.loads((art / "best_config.json").read_text())["mode"] == "min"
-    _model, bundle = load_generator(art)
-    assert bundle["kind"] == "gan" and bundle["config"]["lr_g"] == best["config/lr_g"]
+    bundle = read_bundle(art)
+    assert bundle.kind == "model/gan" and bundle.config["lr_g"] == best["config/lr_g"]
     assert (art / "samples.png").stat().st_size > 0
-    gate = record.stages["gan_gate"]["metrics"]
+    gate = record.stages["gan_gate"].metrics
     assert gate["promoted"], gate["reason"]
     assert gate["test/fd_classifier"] == pytest.approx(metrics["test/fd_classifier"], rel=1e-5)
     assert "test/fd_classifier" in gate["reason"]
@@ -117,7 +117,7 @@ def test_a_gan_cannot_be_tuned_without_a_classifier(ray_local, tmp_path):
     path = tmp_path / "g.yaml"
     path.write_text(text.format(storage=str(tmp_path / "store")))
     record = engine.run_pipeline(spec.load(path), printer=lambda _line: None)
-    error = record.stages["gan_search"]["error"]
+    error = record.stages["gan_search"].error
     assert "needs a vision.train stage" in error, error
 
 
@@ -168,7 +168,7 @@ def test_an_rl_search_exports_each_trials_best_evaluation_and_gates_over_episode
     assert policy.spec["env_steps"] == 200 * best["best/epoch"]
 
     # The gate runs the policy over 3 episodes from env seed 10000: the same as a rollout.
-    gate = record.stages["gate"]["metrics"]
+    gate = record.stages["gate"].metrics
     returns = rollout(art, episodes=3, seed=10_000)
     assert gate["test/episodes"] == 3
     assert gate["test/episode_returns"] == pytest.approx(returns)

@@ -37,13 +37,13 @@ def storage(tmp_path_factory):
 
 
 def test_learns_digits_and_the_export_reproduces_test_accuracy(ray_local, storage):
+    from components.bundle import load_model
     from components.data.dataset import load_dataset_info, load_numpy
-    from components.vision.train import load_classifier, predict
 
     record = run(vision_pipeline(storage, "{epochs: 8, batch_size: 64, lr: 3.0e-3, width: 16}"))
-    metrics = record.stages["classifier"]["metrics"]
+    metrics = record.stages["classifier"].metrics
     assert metrics["test/accuracy"] > 0.95, metrics
-    art = Path(record.stages["classifier"]["artifact"])
+    art = Path(record.stages["classifier"].artifact)
     history = [json.loads(line) for line in (art / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == list(range(8))
     assert history[-1]["train/loss"] < 0.5 * history[0]["train/loss"]  # learning happened
@@ -53,14 +53,14 @@ def test_learns_digits_and_the_export_reproduces_test_accuracy(ray_local, storag
     assert (art / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
 
     # Reload the exported model alone and score it on the test shards.
-    model, bundle = load_classifier(art)
-    data_dir = Path(record.stages["prepare"]["artifact"])
+    model = load_model(art)
+    data_dir = Path(record.stages["prepare"].artifact)
     x, y = load_numpy(data_dir, "test")
     assert len(y) == metrics["test/rows"] == load_dataset_info(data_dir).splits["test"]["rows"]
-    accuracy = float((predict(model, x).numpy() == y).mean())
+    accuracy = float((model.predict(x).numpy() == y).mean())
     assert accuracy == pytest.approx(metrics["test/accuracy"], abs=1e-9)
-    assert bundle["normalization"]["method"] == "standard"
-    assert bundle["config"]["epochs"] == 8
+    assert model.bundle.meta["normalization"]["method"] == "standard"
+    assert model.bundle.config["epochs"] == 8
 
 
 @pytest.mark.reliability
@@ -75,8 +75,8 @@ def test_rejects_a_tabular_dataset(ray_local, tmp_path):
         "  classifier: {uses: vision.train, needs: [prepare], with: {epochs: 1}}\n"
     )
     record = engine.run_pipeline(spec.load(path), printer=lambda _line: None)
-    assert record.stages["prepare"]["status"] == "succeeded"
-    assert "needs an image dataset" in record.stages["classifier"]["error"]
+    assert record.stages["prepare"].status == "succeeded"
+    assert "needs an image dataset" in record.stages["classifier"].error
 
 
 def test_rejects_a_single_class_dataset(ray_local, tmp_path):
@@ -97,8 +97,8 @@ def test_rejects_a_single_class_dataset(ray_local, tmp_path):
         "  classifier: {uses: vision.train, needs: [prepare], with: {epochs: 1}}\n"
     )
     record = engine.run_pipeline(spec.load(path), printer=lambda _line: None)
-    assert record.stages["prepare"]["status"] == "succeeded"
-    error = record.stages["classifier"]["error"]
+    assert record.stages["prepare"].status == "succeeded"
+    error = record.stages["classifier"].error
     assert "needs at least 2 classes" in error and "'prepare'" in error and "seven" in error
 
 
@@ -111,11 +111,11 @@ def test_two_workers_on_two_nodes_end_with_identical_parameters(ray_cluster, tmp
             "{workers: 2, cpus_per_worker: 1}",
         )
     )
-    ranks = record.stages["classifier"]["metrics"]["ranks"]
+    ranks = record.stages["classifier"].metrics["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1]
     assert len({r["node"] for r in ranks}) == 2, "both workers ran on one node"
     assert len({r["params_sha256"] for r in ranks}) == 1, "ranks disagree after training"
-    assert record.stages["classifier"]["metrics"]["test/accuracy"] > 0.5
+    assert record.stages["classifier"].metrics["test/accuracy"] > 0.5
 
 
 @pytest.mark.reliability
@@ -129,11 +129,11 @@ def test_worker_killed_mid_training_resumes_from_checkpoint(
     record, _ = kill_train_worker_mid_run(
         lambda: run(pipeline), storage, "classifier", "train/loss"
     )
-    metrics = record.stages["classifier"]["metrics"]
+    metrics = record.stages["classifier"].metrics
     assert metrics["resumed_from_epoch"] is not None, metrics
     assert metrics["resumed_from_epoch"] >= 1
     assert metrics["epochs_run"] == 8  # each epoch once: the counter did not restart at zero
-    art = Path(record.stages["classifier"]["artifact"])
+    art = Path(record.stages["classifier"].artifact)
     steps = [json.loads(line)["step"] for line in (art / "history.jsonl").read_text().splitlines()]
     assert steps == list(range(8))
 
@@ -150,6 +150,6 @@ def test_gpu_bf16_steps(ray_local, tmp_path):
             "{workers: 1, gpu: true}",
         )
     )
-    metrics = record.stages["classifier"]["metrics"]
+    metrics = record.stages["classifier"].metrics
     assert metrics["use_gpu"] is True
     assert np.isfinite(metrics["test/loss"])

@@ -1,7 +1,9 @@
 """Tiny components that exercise the engine: they sleep, add numbers, write bytes, or fail.
 
 They do real file work through the same contract as every other component, so the engine's
-tests and benchmarks run the engine exactly as the training stages do.
+tests and benchmarks run the engine exactly as the training stages do. They are not part of the
+product: ``tests/conftest.py`` (and ``benchmarks/engine.py``) register them by naming this
+module in ``RAYPIPE_COMPONENTS``, which the processes they start inherit.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ class SleepConfig(StrictModel):
 class Sleep(Component):
     """Sleeps, then writes ``value + sum(inputs' values)`` to ``out.json``."""
 
-    name = "test.sleep"
     version = "1"
     Config = SleepConfig
+    produces = "test/value"
 
     def run(self, ctx: StageContext, config: SleepConfig) -> dict[str, Any]:
         start = time.time()
@@ -62,10 +64,16 @@ class FailConfig(StrictModel):
 class Fail(Component):
     """Raises an error after writing a file, to show that nothing half-done is published."""
 
-    name = "test.fail"
     version = "1"
     Config = FailConfig
+    produces = "test/value"
 
     def run(self, ctx: StageContext, config: FailConfig) -> dict[str, Any]:
         (ctx.out_dir / "partial.txt").write_text("written before the failure")
         raise RuntimeError(config.message)
+
+
+COMPONENTS = {
+    "test.sleep": "tests.engine_components:Sleep",
+    "test.fail": "tests.engine_components:Fail",
+}

@@ -1,0 +1,247 @@
+"""The run record: what happened in one run, saved as ``runs/<run_id>/run.json``.
+
+A record holds the run's own facts (pipeline, storage, overrides, status) and one typed
+:class:`StageEntry` per stage. Entries change state only through their ``mark_*`` methods, so
+every transition sets the same fields everywhere. The record is rewritten after every change
+(off the driver's critical path, by :class:`RecordWriter`), so a driver that dies leaves a
+record that ``raypipe resume`` can finish from.
+
+This module knows nothing of Ray: the CLI, the report and tracking read records through it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the CLI imports this module; pyarrow only loads when a store is opened
+    from pipelines.store import Store
+
+RUN_FILE, PIPELINE_FILE = "run.json", "pipeline.yaml"
+
+
+class Status(StrEnum):
+    """The state of a run or of one of its stages (a ``str``: it compares equal to its value
+    and is saved as it in ``run.json``)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+@dataclass
+class StageEntry:
+    """One stage of a run, as the run record keeps it.
+
+    Attributes:
+        uses: the stage's component.
+        status: where the stage stands.
+        cache_key: the key its artifact is (or will be) published under.
+        cache_hit: whether a cached artifact was used instead of running the stage.
+        start, end, seconds: when it ran (a cached stage: the moment it was found).
+        artifact: the published artifact's path or URI.
+        metrics: what the stage returned (from its manifest).
+        error: one line saying why it failed or was skipped.
+        traceback: the full traceback of a failure.
+        attempts: how many times the stage was started in this run (resumes included).
+        recomputed_because: why a cached artifact was not used (it failed verification).
+    """
+
+    uses: str
+    status: Status = Status.PENDING
+    cache_key: str | None = None
+    cache_hit: bool = False
+    start: float | None = None
+    end: float | None = None
+    seconds: float | None = None
+    artifact: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    traceback: str | None = None
+    attempts: int = 0
+    recomputed_because: str | None = None
+
+    def mark_pending(self) -> None:
+        """Back to pending (a completed stage whose artifact no longer verifies)."""
+        self.status, self.cache_hit = Status.PENDING, False
+
+    def mark_keyed(self, key: str) -> None:
+        """The stage's cache key is known; an earlier attempt's error is cleared."""
+        self.cache_key, self.error, self.traceback = key, None, None
+
+    def mark_running(self) -> None:
+        """The stage's task was launched."""
+        self.status, self.cache_hit = Status.RUNNING, False
+        self.start, self.end = time.time(), None
+        self.attempts += 1
+
+    def mark_succeeded(self, manifest: dict[str, Any], cached: bool) -> None:
+        """The stage has a published artifact: computed now, or found in the cache."""
+        self.status, self.cache_hit = Status.SUCCEEDED, cached
+        if cached:
+            self.start = self.end = time.time()
+            self.seconds = 0.0
+        else:
+            timings = manifest["timings"]
+            self.start, self.end = timings["start"], timings["end"]
+            self.seconds = round(timings["seconds"], 3)
+        self.artifact = manifest["path"]
+        self.metrics = manifest.get("metrics", {})
+
+    def mark_failed(self, message: str, trace: str | None) -> None:
+        """The stage's task raised or died."""
+        self.status, self.end = Status.FAILED, time.time()
+        self.error, self.traceback = message, trace
+
+    def mark_skipped(self, reason: str) -> None:
+        """The stage will not run: a stage it needs did not succeed."""
+        self.status, self.error = Status.SKIPPED, reason
+
+    @property
+    def elapsed(self) -> float | None:
+        """Seconds it took (so far, while running)."""
+        if self.seconds is not None:
+            return self.seconds
+        if self.start is not None:
+            return (self.end or time.time()) - self.start
+        return None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StageEntry:
+        known = {f.name for f in fields(cls)}
+        entry = cls(**{k: v for k, v in data.items() if k in known})
+        entry.status = Status(entry.status)
+        return entry
+
+
+@dataclass
+class RunRecord:
+    """What happened in one run; saved as ``runs/<run_id>/run.json``."""
+
+    run_id: str
+    pipeline: str
+    source: str
+    storage: str
+    tracking: str | None
+    overrides: list[str]
+    force: list[str]
+    status: Status = Status.RUNNING
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+    finished: float | None = None
+    resumed: int = 0
+    error: str | None = None
+    mlflow_run_id: str | None = None
+    tracking_error: str | None = None
+    stages: dict[str, StageEntry] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunRecord:
+        data = json.loads(text)
+        record = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        record.status = Status(record.status)
+        record.stages = {
+            name: StageEntry.from_dict(entry) for name, entry in (record.stages or {}).items()
+        }
+        return record
+
+    @property
+    def ok(self) -> bool:
+        return self.status == Status.SUCCEEDED
+
+    def with_status(self, status: Status) -> list[str]:
+        """The stages in ``status``, in record order."""
+        return [name for name, entry in self.stages.items() if entry.status == status]
+
+
+def load_record(store: Store, run_id: str) -> RunRecord:
+    """Reads a run record.
+
+    Raises:
+        FileNotFoundError: no run with that id in the store (the message names both).
+    """
+    try:
+        text = store.read_run_file(run_id, RUN_FILE)
+    except ValueError:
+        text = None
+    if text is None:
+        raise FileNotFoundError(f"no run {run_id!r} in storage {store.root}")
+    return RunRecord.from_json(text)
+
+
+def list_records(store: Store) -> list[RunRecord]:
+    """Every readable run record in the store, oldest first."""
+    records = []
+    for run_id in store.run_ids():
+        try:
+            records.append(load_record(store, run_id))
+        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+            continue
+    return records
+
+
+def progress_file(store: Store, run_id: str, stage: str) -> Path:
+    """Where a stage's live progress points go (``runs/<id>/progress/<stage>.jsonl``; local
+    storage only)."""
+    return Path(store.run_dir(run_id)) / "progress" / f"{stage}.jsonl"
+
+
+class RecordWriter:
+    """Writes snapshots on a background thread; when several queue up only the newest is
+    written. ``flush`` waits for the newest to be on disk; ``close`` also ends the thread."""
+
+    def __init__(self, write: Callable[[str], None]):
+        self._write = write
+        self._cv = threading.Condition()
+        self._pending: str | None = None
+        self._busy = False
+        self._closed = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="raypipe-record", daemon=True)
+        self._thread.start()
+
+    def put(self, text: str) -> None:
+        with self._cv:
+            if self._error is not None:
+                raise self._error
+            self._pending = text
+            self._cv.notify_all()
+
+    def flush(self) -> None:
+        with self._cv:
+            self._cv.wait_for(lambda: self._pending is None and not self._busy)
+            if self._error is not None:
+                raise self._error
+
+    def close(self) -> None:
+        self.flush()
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._pending is not None or self._closed)
+                if self._pending is None:
+                    return
+                text, self._pending, self._busy = self._pending, None, True
+            try:
+                self._write(text)
+            except BaseException as e:  # noqa: BLE001 - handed to the driver thread
+                self._error = e
+            with self._cv:
+                self._busy = False
+                self._cv.notify_all()

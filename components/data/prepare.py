@@ -76,8 +76,8 @@ def prepare(
     import numpy as np
     import ray
 
-    from components.data import normalization, shards, sources
-    from components.data.shards import shard_name
+    from components.data import normalization, sources
+    from components.data.shards import shard_name, write_file
 
     if not ray.is_initialized():
         ray.init()
@@ -170,7 +170,7 @@ def prepare(
     write_task = ray.remote(num_cpus=1)(_write_shard)
 
     def write(value: dict) -> dict:
-        meta = shards.write_file(value.pop("data"), out_dir / value["path"])
+        meta = write_file(value.pop("data"), out_dir / value["path"])
         count("write", value["rows"])
         return {**value, **meta}
 

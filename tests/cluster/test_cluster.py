@@ -78,7 +78,7 @@ def test_submit_wait_status_logs_and_the_same_id_twice(cluster):
     details = json.loads(status.stdout)
     assert details["status"] == "SUCCEEDED"
     assert details["entrypoint"].startswith("python -m pipelines.cli run tests/cluster/sleep.yaml")
-    assert details["entrypoint"].endswith("--address auto")
+    assert details["entrypoint"].endswith("--ray-address auto")
     logs = cli("jobs", "logs", job, "--address", url)
     assert logs.returncode == 0 and "succeeded" in logs.stdout
     run_id = next(line.split()[1] for line in logs.stdout.splitlines() if line.startswith("run "))

@@ -69,7 +69,7 @@ def test_submission_ids_entrypoint_and_storage_rules(tmp_path):
     with pytest.raises(SubmitError, match="must be inside the project"):
         project_path(outside)
     assert entrypoint(PIPELINE, ["a.b=c d"]) == (
-        f"python -m pipelines.cli run {PIPELINE} 'a.b=c d' --address auto"
+        f"python -m pipelines.cli run {PIPELINE} 'a.b=c d' --ray-address auto"
     )
     with pytest.raises(SubmitError, match="relative path"):
         check_storage(p, 1, "http://h:8265")  # ./runs would vanish with the job's working_dir

@@ -2,7 +2,9 @@
 
 A submitted job ships the project as its ``runtime_env.working_dir`` (without the venv, runs,
 data, checkpoints and caches) and runs ``python -m pipelines.cli run FILE [overrides]
---address auto`` on the cluster, so the driver connects to the job's own cluster.
+--ray-address auto`` on the cluster, so the driver connects to the job's own cluster. Which
+folder is the project is said explicitly, never taken from where raypipe was installed (see
+:func:`project_root`).
 
 A job runs once: a retry is the submitter's business. The submission id is deterministic
 (pipeline name + a digest of the resolved pipeline, its overrides and a key), so submitting

@@ -7,12 +7,8 @@ that nothing it started is left. Every process is stopped by pid, never by `ray 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,8 +18,11 @@ from cluster_helpers import (
     ROOT,
     cli,
     cli_env,
+    history,
     output,
     processes_naming,
+    start_cli,
+    stop,
     submitted_id,
     wait_for,
 )
@@ -158,32 +157,13 @@ def test_unreachable_address_and_unknown_job(cluster):
 
 
 def _history(state: Path) -> list[dict]:
-    path = state / "cluster-sleep" / "history.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return history(state, "cluster-sleep")
 
 
-def _scheduler(cluster, state: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "pipelines.cli", "schedule", PIPELINE, _store(cluster)]
-    cmd += ["left.seconds=8", "--address", cluster["info"].dashboard_url, "--every", "2"]
-    cmd += ["--state-dir", str(state), *extra]
-    return subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def _stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> str:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, sig)
-    out, _ = proc.communicate(timeout=60)
-    return out
+def _scheduler(cluster, state: Path, *extra: str):
+    args = ["schedule", PIPELINE, _store(cluster), "left.seconds=8"]
+    args += ["--address", cluster["info"].dashboard_url, "--every", "2"]
+    return start_cli(*args, "--state-dir", str(state), *extra)
 
 
 def test_scheduler_skips_busy_ticks_and_a_restart_does_not_double_run(cluster, tmp_path):
@@ -201,7 +181,7 @@ def test_scheduler_skips_busy_ticks_and_a_restart_does_not_double_run(cluster, t
         assert twin.wait(timeout=120) == 1
         assert "another scheduler" in twin.stdout.read()
     finally:
-        _stop(first, signal.SIGKILL)  # a crash: no clean-up ran
+        stop(first, signal.SIGKILL)  # a crash: no clean-up ran
     before = _history(state)
     running = next(e["job"] for e in before if e["event"] == "submitted")
     assert all(e["job"] == running for e in before if e["event"] == "skipped")
@@ -216,7 +196,7 @@ def test_scheduler_skips_busy_ticks_and_a_restart_does_not_double_run(cluster, t
             "a new run after the restart",
         )
     finally:
-        out = _stop(second)
+        out = stop(second)
     events = _history(state)
     finished = {e["job"]: e["status"] for e in events if e["event"] == "finished"}
     assert finished.get(running) == "SUCCEEDED", out

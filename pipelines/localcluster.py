@@ -137,7 +137,9 @@ def _run(cmd: list[str], env: dict[str, str], what: str, timeout: float) -> None
     except subprocess.TimeoutExpired:
         raise ClusterError(f"{what}: `ray start` did not finish in {timeout:.0f}s") from None
     if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-15:]
+        lines = (done.stderr + done.stdout).strip().splitlines()
+        # Ray logs pages of INFO lines around its error: show the lines that are not INFO.
+        tail = [line for line in lines if " INFO " not in line][-15:] or lines[-15:]
         raise ClusterError(f"{what}: `ray start` failed:\n" + "\n".join(tail))
 
 
@@ -202,49 +204,52 @@ def up(
     node_env = _node_env(env)
     ray = _ray_bin()
     try:
-        head_resources = {"raypipe_head": 1.0}
-        _run(
-            [
-                ray,
-                "start",
-                "--head",
-                f"--port={gcs_port}",
-                f"--temp-dir={temp_dir}",
-                "--include-dashboard=true",
-                f"--dashboard-host={HOST}",
-                f"--dashboard-port={dashboard_port}",
-                f"--ray-client-server-port={client_port}",
-                f"--object-store-memory={object_store_mb * 1024 * 1024}",
-                *_node_args(node_ports[:6], head_cpus, head_resources),
-            ],
-            node_env,
-            "head node",
-            timeout,
-        )
-        info.nodes.append({"name": "head", "cpus": head_cpus, "resources": head_resources})
-        for i in range(1, workers + 1):
-            resources = {f"raypipe_worker_{i}": 1.0}
+        try:
+            head_resources = {"raypipe_head": 1.0}
             _run(
                 [
                     ray,
                     "start",
-                    f"--address={info.gcs_address}",
+                    "--head",
+                    f"--port={gcs_port}",
+                    f"--temp-dir={temp_dir}",
+                    "--include-dashboard=true",
+                    f"--dashboard-host={HOST}",
+                    f"--dashboard-port={dashboard_port}",
+                    f"--ray-client-server-port={client_port}",
                     f"--object-store-memory={object_store_mb * 1024 * 1024}",
-                    *_node_args(node_ports[6 * i : 6 * i + 6], worker_cpus, resources),
+                    *_node_args(node_ports[:6], head_cpus, head_resources),
                 ],
                 node_env,
-                f"worker node {i}",
+                "head node",
                 timeout,
             )
-            info.nodes.append({"name": f"worker_{i}", "cpus": worker_cpus, "resources": resources})
-    finally:
-        info.processes = [
-            [p.pid, p.info["create_time"], p.info["name"]] for p in _ours(temp_dir, client_port)
-        ]
-        _save(state, info)
-    try:
+            info.nodes.append({"name": "head", "cpus": head_cpus, "resources": head_resources})
+            for i in range(1, workers + 1):
+                resources = {f"raypipe_worker_{i}": 1.0}
+                _run(
+                    [
+                        ray,
+                        "start",
+                        f"--address={info.gcs_address}",
+                        f"--object-store-memory={object_store_mb * 1024 * 1024}",
+                        *_node_args(node_ports[6 * i : 6 * i + 6], worker_cpus, resources),
+                    ],
+                    node_env,
+                    f"worker node {i}",
+                    timeout,
+                )
+                info.nodes.append(
+                    {"name": f"worker_{i}", "cpus": worker_cpus, "resources": resources}
+                )
+        finally:
+            info.processes = [
+                [p.pid, p.info["create_time"], p.info["name"]] for p in _ours(temp_dir, client_port)
+            ]
+            _save(state, info)
         wait_for_nodes(info.gcs_address, workers + 1, env=node_env, timeout=timeout)
-    except ClusterError:
+    except BaseException:
+        # Nothing half-started stays behind, nor a record of it that `submit` would use.
         down(state_dir=state)
         raise
     return info

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -220,4 +221,20 @@ def test_down_stops_every_process_up_started(cluster):
     assert down.returncode == 0 and "stopped" in down.stdout, output(down)
     assert localcluster.alive_processes(info) == []
     assert processes_naming(info.temp_dir) == []
+    # The Ray client server, which `ray start` leaves to init, went too: its port is free.
+    client_port = int(info.client_address.rsplit(":", 1)[1])
+    assert processes_naming(f"--port={client_port}") == []
+    assert localcluster.port_is_free(client_port)
     assert localcluster.load(cluster["state"]) is None
+
+
+def test_the_head_takes_the_standard_ports_only_when_all_are_free():
+    standard = localcluster.STANDARD_PORTS
+    if not all(localcluster.port_is_free(p) for p in standard):
+        pytest.skip(f"a Ray of someone else's holds one of {standard}")
+    assert localcluster.head_ports() == standard
+    with socket.socket() as taken:  # one taken: three other ports, never a mix
+        taken.bind(("127.0.0.1", standard[1]))
+        taken.listen()
+        ports = localcluster.head_ports()
+    assert len(set(ports)) == 3 and not set(ports) & set(standard)

@@ -234,6 +234,8 @@ def test_the_head_takes_the_standard_ports_only_when_all_are_free():
         pytest.skip(f"a Ray of someone else's holds one of {standard}")
     assert localcluster.head_ports() == standard
     with socket.socket() as taken:  # one taken: three other ports, never a mix
+        # (SO_REUSEADDR as Ray's servers: a cluster just stopped may leave TIME_WAIT behind)
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         taken.bind(("127.0.0.1", standard[1]))
         taken.listen()
         ports = localcluster.head_ports()

@@ -32,18 +32,42 @@ StorageOpt = Annotated[
         "--storage", "-s", help="Storage root of the runs (path or URI).", envvar="RAYPIPE_STORAGE"
     ),
 ]
-AddressOpt = Annotated[
+RayAddressOpt = Annotated[
     str | None,
     typer.Option(
-        "--address",
-        help="Ray cluster to run on (ray://HOST:10001 or HOST:6379); default: embedded local Ray.",
+        "--ray-address",
+        help="Ray cluster to run on: HOST:6379, ray://HOST:10001, or auto (the cluster this "
+        "machine is part of); default: an embedded local Ray. (The Jobs API, "
+        "http://HEAD:8265, is `raypipe submit --address`.)",
     ),
 ]
+# `run --address` meant the Ray address before `--ray-address`; kept working, off the help.
+OldAddressOpt = Annotated[str | None, typer.Option("--address", hidden=True)]
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
+
+
+def _ray_address(ray_address: str | None, old_address: str | None) -> str | None:
+    """The Ray address of `run`/`resume`, from --ray-address or the deprecated --address."""
+    if old_address is not None:
+        typer.echo(
+            "note: `--address` of run/resume is deprecated; use --ray-address "
+            "(`--address` now always means the Jobs API of submit, jobs and schedule)",
+            err=True,
+        )
+        if ray_address is not None and ray_address != old_address:
+            raise _fail(f"--ray-address {ray_address} and --address {old_address} disagree")
+        ray_address = old_address
+    if ray_address and ray_address.startswith(("http://", "https://")):
+        raise _fail(
+            f"{ray_address} is a Jobs API (dashboard) address: `raypipe submit FILE --address "
+            f"{ray_address}` sends a pipeline there; --ray-address takes HOST:6379, "
+            "ray://HOST:10001 or auto"
+        )
+    return ray_address
 
 
 QuietOpt = Annotated[
@@ -114,17 +138,19 @@ def run(
             "--force", "-f", help="Recompute this stage and its descendants (repeatable)."
         ),
     ] = None,
-    address: AddressOpt = None,
+    ray_address: RayAddressOpt = None,
+    address: OldAddressOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Runs a pipeline; prints the run id; exits non-zero if a stage failed."""
     pipeline = _load(file, overrides)
+    ray_address = _ray_address(ray_address, address)
     from pipelines import engine
 
     output, context = _console(pipeline.order, quiet, verbose)
     try:
-        runner = engine.Runner(pipeline, force=force or [], address=address, **output)
+        runner = engine.Runner(pipeline, force=force or [], address=ray_address, **output)
     except spec_mod.PipelineError as e:
         raise _fail(str(e)) from None
     with context:
@@ -142,11 +168,13 @@ def _finish(record) -> None:
 def resume(
     run_id: Annotated[str, typer.Argument(help="The run to finish.")],
     storage: StorageOpt = DEFAULT_STORAGE,
-    address: AddressOpt = None,
+    ray_address: RayAddressOpt = None,
+    address: OldAddressOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Finishes a run that died, from its last complete stage."""
+    ray_address = _ray_address(ray_address, address)
     from pipelines import engine
     from pipelines.store import Store
 
@@ -154,7 +182,7 @@ def resume(
         stages = list(record_mod.load_record(Store(storage), run_id).stages)
         output, context = _console(stages, quiet, verbose)
         with context:
-            record = engine.resume_run(storage, run_id, address=address, **output)
+            record = engine.resume_run(storage, run_id, address=ray_address, **output)
     except (FileNotFoundError, spec_mod.PipelineError, engine.RunLocked) as e:
         raise _fail(str(e)) from None
     _finish(record)
@@ -339,20 +367,39 @@ def components() -> None:
 # --- clusters: submit, jobs, cluster, schedule (issue 8) ---------------------------------
 
 JobsAddressOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--address",
-        help="The cluster's Jobs API (dashboard) address, http://HEAD:8265.",
+        help="The cluster's Jobs API (dashboard) address, http://HEAD:8265; default: "
+        "$RAYPIPE_ADDRESS, else the cluster `raypipe cluster up` started.",
         envvar="RAYPIPE_ADDRESS",
+        show_envvar=False,
     ),
 ]
 
 
-def _jobs_client(address: str):
+def _jobs_address(address: str | None) -> str:
+    """--address (or $RAYPIPE_ADDRESS, which typer reads into it), else the Jobs API of the
+    cluster `raypipe cluster up` recorded (in $RAYPIPE_CLUSTER_DIR or .raypipe/cluster)."""
+    if address:
+        return address
+    from pipelines import localcluster
+
+    state_dir = Path(os.environ.get("RAYPIPE_CLUSTER_DIR") or localcluster.DEFAULT_STATE_DIR)
+    info = localcluster.load(state_dir)
+    if info is None:
+        raise _fail(
+            "no cluster address: pass --address http://HEAD:8265 (the Jobs API), set "
+            "RAYPIPE_ADDRESS, or start a local cluster with `raypipe cluster up`"
+        )
+    return info.dashboard_url
+
+
+def _jobs_client(address: str | None):
     from pipelines import submit as submit_mod
 
     try:
-        return submit_mod.JobsClient(address)
+        return submit_mod.JobsClient(_jobs_address(address))
     except submit_mod.SubmitError as e:
         raise _fail(str(e), e.code) from None
 
@@ -368,7 +415,7 @@ def submit(
     overrides: Annotated[
         list[str] | None, typer.Argument(help="stage.key=value overrides.")
     ] = None,
-    address: JobsAddressOpt = ...,
+    address: JobsAddressOpt = None,
     key: Annotated[
         str,
         typer.Option(
@@ -400,7 +447,7 @@ def submit(
         sub = submit_mod.submit(
             file,
             overrides or [],
-            address,
+            client.address,
             key=key,
             driver_cpus=submit_mod.DEFAULT_DRIVER_CPUS if driver_cpus is None else driver_cpus,
             client=client,
@@ -437,7 +484,7 @@ JobArg = Annotated[str, typer.Argument(help="The job's submission id.")]
 
 
 @jobs_app.command("list")
-def jobs_list(address: JobsAddressOpt = ...) -> None:
+def jobs_list(address: JobsAddressOpt = None) -> None:
     """Lists the cluster's jobs, oldest first."""
     client = _jobs_client(address)
     from pipelines import submit as submit_mod
@@ -456,7 +503,7 @@ def jobs_list(address: JobsAddressOpt = ...) -> None:
 @jobs_app.command("status")
 def jobs_status(
     job: JobArg,
-    address: JobsAddressOpt = ...,
+    address: JobsAddressOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the job's details.")] = False,
 ) -> None:
     """Prints a job's status (exit 0 whatever it is; 2 if there is no such job)."""
@@ -476,7 +523,7 @@ def jobs_status(
 @jobs_app.command("logs")
 def jobs_logs(
     job: JobArg,
-    address: JobsAddressOpt = ...,
+    address: JobsAddressOpt = None,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")
     ] = False,
@@ -499,7 +546,7 @@ def jobs_logs(
 @jobs_app.command("stop")
 def jobs_stop(
     job: JobArg,
-    address: JobsAddressOpt = ...,
+    address: JobsAddressOpt = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait until it has stopped.")] = False,
 ) -> None:
     """Stops a job."""
@@ -538,7 +585,8 @@ def cluster_up(
     """Starts a head and N worker nodes with `ray start` on 127.0.0.1."""
     from pipelines import localcluster
 
-    state_dir = state_dir or Path(localcluster.DEFAULT_STATE_DIR)
+    default = Path(localcluster.DEFAULT_STATE_DIR)
+    state_dir = state_dir or default
     try:
         info = localcluster.up(
             workers, state_dir=state_dir, head_cpus=head_cpus, worker_cpus=worker_cpus
@@ -546,9 +594,15 @@ def cluster_up(
     except localcluster.ClusterError as e:
         raise _fail(str(e), code=1) from None
     typer.echo(f"cluster up: {len(info.nodes)} nodes, {len(info.processes)} processes")
-    typer.echo(f"  ray.init / raypipe run --address {info.gcs_address}")
-    typer.echo(f"  raypipe submit FILE --address {info.dashboard_url}")
-    typer.echo(f"  raypipe cluster down --dir {state_dir}")
+    typer.echo(f"  Jobs API (submit, jobs, schedule; their default): {info.dashboard_url}")
+    typer.echo(
+        f"  Ray (ray.init, raypipe run --ray-address): {info.gcs_address} or {info.client_address}"
+    )
+    typer.echo(
+        f"  stop it: raypipe cluster down{'' if state_dir == default else f' --dir {state_dir}'}"
+    )
+    # Last and alone on its line: `eval "$(raypipe cluster up | tail -1)"` works too.
+    typer.echo(f"export RAYPIPE_ADDRESS={info.dashboard_url}")
 
 
 @cluster_app.command("down")
@@ -581,17 +635,12 @@ def cluster_status(state_dir: ClusterDirOpt = None) -> None:
 
 
 @app.command(
-    help="Submits a pipeline at each cron tick: `raypipe schedule FILE [overrides] --address "
-    "URL`, or `raypipe schedule history FILE` for the ticks so far.",
+    help="Submits a pipeline at each cron tick: `raypipe schedule FILE [overrides] [--address "
+    "URL]`, or `raypipe schedule history FILE` for the ticks so far.",
 )
 def schedule(
     args: Annotated[list[str], typer.Argument(help="FILE [overrides], or: history FILE.")],
-    address: Annotated[
-        str | None,
-        typer.Option(
-            "--address", help="Jobs API address, http://HEAD:8265.", envvar="RAYPIPE_ADDRESS"
-        ),
-    ] = None,
+    address: JobsAddressOpt = None,
     cron: Annotated[
         str | None, typer.Option("--cron", help="Cron expression (default: the file's `schedule`).")
     ] = None,
@@ -630,14 +679,14 @@ def schedule(
         return
     file, overrides = Path(args[0]), args[1:]
     pipeline = _load(file, overrides)
-    if not address:
-        raise _fail("--address (the cluster's Jobs API, http://HEAD:8265) is required")
+    address = _jobs_address(address)
     try:
         scheduler = schedule_mod.Scheduler(
             file,
             overrides,
             address,
-            cron=cron or pipeline.spec.schedule,
+            # --every stands in for the file's `schedule:` (--cron and --every: refused)
+            cron=cron or (None if every is not None else pipeline.spec.schedule),
             every=every,
             policy=policy,
             state_dir=state_dir,

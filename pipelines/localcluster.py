@@ -1,7 +1,10 @@
 """A local multi-node Ray cluster for development: ``raypipe cluster up|down``.
 
 ``up`` runs ``ray start --head`` and then ``ray start --address`` once per worker node, all on
-127.0.0.1, each node with its own free ports and its own custom resource (``raypipe_head``,
+127.0.0.1. The head takes Ray's standard ports (6379 GCS, 8265 dashboard, 10001 client) when
+they are free, so the addresses in the README work as written, and free ports otherwise (a
+second cluster, another user's Ray); every other port is a free one. Each node has its own
+custom resource (``raypipe_head``,
 ``raypipe_worker_1`` ...) so a test or a stage can pin work to one node. Every node writes
 under one private ``--temp-dir``; the processes whose command lines name it are this cluster's
 (other people's Ray on the same machine never is), and their pids (with start times, so a
@@ -29,6 +32,8 @@ from typing import Any
 STATE_FILE = "cluster.json"
 HOST = "127.0.0.1"
 DEFAULT_STATE_DIR = ".raypipe/cluster"
+#: Ray's standard head ports: GCS, dashboard (Jobs API), Ray client.
+STANDARD_PORTS = (6379, 8265, 10001)
 
 
 class ClusterError(RuntimeError):
@@ -42,6 +47,7 @@ class ClusterInfo:
     Attributes:
         gcs_address: ``HOST:PORT`` of the head's GCS (``ray.init(address=...)``).
         dashboard_url: the Jobs API / dashboard (``raypipe submit --address ...``).
+        client_address: ``ray://HOST:PORT`` of the head's Ray client server.
         temp_dir: the private ``--temp-dir`` every node writes under.
         nodes: per node: name, resources and ports.
         processes: ``[pid, create_time, name]`` of every Ray process ``up`` started.
@@ -52,6 +58,7 @@ class ClusterInfo:
     temp_dir: str
     nodes: list[dict[str, Any]] = field(default_factory=list)
     processes: list[list[Any]] = field(default_factory=list)
+    client_address: str = ""
 
 
 def free_ports(count: int) -> list[int]:
@@ -67,6 +74,29 @@ def free_ports(count: int) -> list[int]:
         for s in sockets:
             s.close()
     return ports
+
+
+def port_is_free(port: int) -> bool:
+    """Whether ``port`` can be bound on 127.0.0.1 (and on every interface, where Ray's dashboard
+    and client server listen when asked) right now. Connections of a cluster that just stopped
+    (TIME_WAIT) do not count: Ray's servers bind with SO_REUSEADDR, and so does this check."""
+    for host in (HOST, "0.0.0.0"):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
+def head_ports() -> tuple[int, int, int]:
+    """The GCS, dashboard and client ports for a new head: the standard ones if all three are
+    free, else three free ports (never a mix, so a cluster is either the default one or not)."""
+    if all(port_is_free(p) for p in STANDARD_PORTS):
+        return STANDARD_PORTS
+    gcs, dashboard, client = free_ports(3)
+    return gcs, dashboard, client
 
 
 def _ray_bin() -> str:
@@ -107,18 +137,23 @@ def _run(cmd: list[str], env: dict[str, str], what: str, timeout: float) -> None
     except subprocess.TimeoutExpired:
         raise ClusterError(f"{what}: `ray start` did not finish in {timeout:.0f}s") from None
     if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-15:]
+        lines = (done.stderr + done.stdout).strip().splitlines()
+        # Ray logs pages of INFO lines around its error: show the lines that are not INFO.
+        tail = [line for line in lines if " INFO " not in line][-15:] or lines[-15:]
         raise ClusterError(f"{what}: `ray start` failed:\n" + "\n".join(tail))
 
 
-def _ours(temp_dir: str) -> list[Any]:
-    """The live processes whose command line names ``temp_dir``."""
+def _ours(temp_dir: str, client_port: int) -> list[Any]:
+    """The live processes whose command line names ``temp_dir``, and the head's Ray client
+    server: `ray start` leaves it to init with no temp dir in its command line, so it is known
+    by its port (one process per port: no other cluster's)."""
     import psutil
 
+    client = ["-m", "ray.util.client.server", f"--port={client_port}"]
     found = []
     for proc in psutil.process_iter(["pid", "cmdline", "create_time", "name"]):
         cmdline = proc.info.get("cmdline") or []
-        if any(temp_dir in part for part in cmdline):
+        if any(temp_dir in part for part in cmdline) or all(c in cmdline for c in client):
             found.append(proc)
     return found
 
@@ -158,56 +193,63 @@ def up(
     state.mkdir(parents=True, exist_ok=True)
     # Short on purpose: Ray puts unix sockets under it (108-byte limit on the path).
     temp_dir = f"/tmp/rp-{secrets.token_hex(4)}"
-    gcs_port, dashboard_port, client_port, *node_ports = free_ports(3 + 6 * (workers + 1))
+    gcs_port, dashboard_port, client_port = head_ports()
+    node_ports = [p for p in free_ports(6 * (workers + 1) + 3) if p not in STANDARD_PORTS]
     info = ClusterInfo(
         gcs_address=f"{HOST}:{gcs_port}",
         dashboard_url=f"http://{HOST}:{dashboard_port}",
         temp_dir=temp_dir,
+        client_address=f"ray://{HOST}:{client_port}",
     )
     node_env = _node_env(env)
     ray = _ray_bin()
     try:
-        head_resources = {"raypipe_head": 1.0}
-        _run(
-            [
-                ray,
-                "start",
-                "--head",
-                f"--port={gcs_port}",
-                f"--temp-dir={temp_dir}",
-                "--include-dashboard=true",
-                f"--dashboard-host={HOST}",
-                f"--dashboard-port={dashboard_port}",
-                f"--ray-client-server-port={client_port}",
-                f"--object-store-memory={object_store_mb * 1024 * 1024}",
-                *_node_args(node_ports[:6], head_cpus, head_resources),
-            ],
-            node_env,
-            "head node",
-            timeout,
-        )
-        info.nodes.append({"name": "head", "cpus": head_cpus, "resources": head_resources})
-        for i in range(1, workers + 1):
-            resources = {f"raypipe_worker_{i}": 1.0}
+        try:
+            head_resources = {"raypipe_head": 1.0}
             _run(
                 [
                     ray,
                     "start",
-                    f"--address={info.gcs_address}",
+                    "--head",
+                    f"--port={gcs_port}",
+                    f"--temp-dir={temp_dir}",
+                    "--include-dashboard=true",
+                    f"--dashboard-host={HOST}",
+                    f"--dashboard-port={dashboard_port}",
+                    f"--ray-client-server-port={client_port}",
                     f"--object-store-memory={object_store_mb * 1024 * 1024}",
-                    *_node_args(node_ports[6 * i : 6 * i + 6], worker_cpus, resources),
+                    *_node_args(node_ports[:6], head_cpus, head_resources),
                 ],
                 node_env,
-                f"worker node {i}",
+                "head node",
                 timeout,
             )
-            info.nodes.append({"name": f"worker_{i}", "cpus": worker_cpus, "resources": resources})
-    finally:
-        info.processes = [[p.pid, p.info["create_time"], p.info["name"]] for p in _ours(temp_dir)]
-        _save(state, info)
-    try:
+            info.nodes.append({"name": "head", "cpus": head_cpus, "resources": head_resources})
+            for i in range(1, workers + 1):
+                resources = {f"raypipe_worker_{i}": 1.0}
+                _run(
+                    [
+                        ray,
+                        "start",
+                        f"--address={info.gcs_address}",
+                        f"--object-store-memory={object_store_mb * 1024 * 1024}",
+                        *_node_args(node_ports[6 * i : 6 * i + 6], worker_cpus, resources),
+                    ],
+                    node_env,
+                    f"worker node {i}",
+                    timeout,
+                )
+                info.nodes.append(
+                    {"name": f"worker_{i}", "cpus": worker_cpus, "resources": resources}
+                )
+        finally:
+            info.processes = [
+                [p.pid, p.info["create_time"], p.info["name"]] for p in _ours(temp_dir, client_port)
+            ]
+            _save(state, info)
         wait_for_nodes(info.gcs_address, workers + 1, env=node_env, timeout=timeout)
-    except ClusterError:
+    except BaseException:
+        # Nothing half-started stays behind, nor a record of it that `submit` would use.
         down(state_dir=state)
         raise
     return info

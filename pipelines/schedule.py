@@ -1,4 +1,4 @@
-"""Scheduled runs: ``raypipe schedule FILE --address URL`` submits the pipeline at each tick.
+"""Scheduled runs: ``raypipe schedule FILE [--address URL]`` submits the pipeline at each tick.
 
 Each tick submits the pipeline as a Ray job (:mod:`pipelines.submit`) whose submission id is
 derived from the tick's time, so a tick handled twice (a scheduler that crashed and restarted)

@@ -231,8 +231,12 @@ class Store:
         else:
             fs, base = self._fs()
             dest = f"{base}/{self.artifact_rel(component, key)}"
-            fs.create_dir(dest, recursive=True)
-            for rel in files:  # files first, the manifest last: it marks the artifact whole
+            # Every folder first (a file:// store, like a local disk, has folders; on an object
+            # store these are empty markers), then the files, the manifest last: it marks the
+            # artifact whole.
+            for folder in sorted({str(PurePosixPath(rel).parent) for rel in files} | {"."}):
+                fs.create_dir(dest if folder == "." else f"{dest}/{folder}", recursive=True)
+            for rel in files:
                 pafs.copy_files(str(out_dir / rel), f"{dest}/{rel}", destination_filesystem=fs)
             pafs.copy_files(
                 str(out_dir / MANIFEST), f"{dest}/{MANIFEST}", destination_filesystem=fs

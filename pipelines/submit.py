@@ -2,7 +2,9 @@
 
 A submitted job ships the project as its ``runtime_env.working_dir`` (without the venv, runs,
 data, checkpoints and caches) and runs ``python -m pipelines.cli run FILE [overrides]
---address auto`` on the cluster, so the driver connects to the job's own cluster.
+--ray-address auto`` on the cluster, so the driver connects to the job's own cluster. Which
+folder is the project is said explicitly, never taken from where raypipe was installed (see
+:func:`project_root`).
 
 A job runs once: a retry is the submitter's business. The submission id is deterministic
 (pipeline name + a digest of the resolved pipeline, its overrides and a key), so submitting
@@ -33,25 +35,28 @@ from pipelines import spec as spec_mod
 from pipelines.spec import Pipeline
 from pipelines.store import canonical_json
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+#: Names the directory shipped as a job's working_dir (see :func:`project_root`).
+PROJECT_ENV = "RAYPIPE_PROJECT"
 # Never shipped: environments, outputs, data, checkpoints and caches (the upload cap is ~512 MiB).
+# Ray reads these as .gitignore lines: a bare `data` would also drop `components/data` (the
+# data stage's code), so the project's own top-level folders are anchored with a leading `/`.
 EXCLUDES = [
-    ".venv",
-    "venv",
+    "/.venv",
+    "/venv",
     ".git",
-    "runs",
-    "data",
-    "checkpoints",
-    "mlruns",
+    "/runs",
+    "/data",
+    "/checkpoints",
+    "/mlruns",
     ".raypipe",
-    "**/__pycache__",
+    "__pycache__",
     ".pytest_cache",
     ".ruff_cache",
     "*.egg-info",
-    "build",
-    "dist",
-    ".whl",
-    ".gl",
+    "/build",
+    "/dist",
+    "/.whl",
+    "/.gl",
 ]
 DEFAULT_DRIVER_CPUS = 0.25
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -274,19 +279,43 @@ def submission_id(pipeline: Pipeline, key: str = "") -> str:
     return f"raypipe-{name}-{digest}"
 
 
-def project_path(file: str | Path, root: Path = PROJECT_ROOT) -> str:
+def project_root(file: str | Path) -> Path:
+    """The directory shipped to the cluster as the job's working_dir, for a pipeline file.
+
+    1. ``$RAYPIPE_PROJECT`` when it is set (the image sets it to its copy of the project);
+    2. else the nearest directory at or above the pipeline file that holds a
+       ``pyproject.toml`` (a checkout of this project, or a project of your own);
+    3. else the pipeline file's own directory (a folder of pipeline files: the cluster then
+       runs the raypipe installed there).
+
+    Never the place raypipe was installed from: a non-editable install (``pip install .``)
+    puts ``pipelines`` in site-packages, which holds no pipeline file of yours.
+    """
+    explicit = os.environ.get(PROJECT_ENV, "").strip()
+    if explicit:
+        return Path(explicit).expanduser().resolve()
+    path = Path(file).resolve()
+    for folder in path.parents:
+        if (folder / "pyproject.toml").is_file():
+            return folder
+    return path.parent
+
+
+def project_path(file: str | Path, root: Path | None = None) -> str:
     """The pipeline file's path inside the project (what the job sees in its working_dir).
 
     Raises:
         SubmitError: the file is outside the project, so it would not be shipped.
     """
+    root = project_root(file) if root is None else root
     path = Path(file).resolve()
     try:
         return path.relative_to(root).as_posix()
     except ValueError:
         raise SubmitError(
-            f"{file}: the pipeline file must be inside the project ({root}), which is what "
-            "is shipped to the cluster as the job's working_dir; copy it there"
+            f"{file}: the pipeline file must be inside the project ({root}, from "
+            f"${PROJECT_ENV}), which is what is shipped to the cluster as the job's "
+            f"working_dir; move it there or point ${PROJECT_ENV} at a folder holding it"
         ) from None
 
 
@@ -318,7 +347,7 @@ def check_storage(pipeline: Pipeline, nodes: int, address: str) -> None:
 
 def entrypoint(relpath: str, overrides: tuple[str, ...] | list[str]) -> str:
     """The shell command the job runs on the cluster."""
-    args = ["python", "-m", "pipelines.cli", "run", relpath, *overrides, "--address", "auto"]
+    args = ["python", "-m", "pipelines.cli", "run", relpath, *overrides, "--ray-address", "auto"]
     return shlex.join(args)
 
 
@@ -336,7 +365,7 @@ def submit(
     """Submits a pipeline as a Ray job, or finds the job already submitted with the same id.
 
     Args:
-        file: the pipeline file (inside the project).
+        file: the pipeline file (inside the project, :func:`project_root`).
         overrides: ``stage.key=value`` overrides, applied on the cluster as here.
         address: the cluster's dashboard address, ``http://HEAD:8265``.
         key: makes the submission id differ for what is meant as a new run.
@@ -353,7 +382,8 @@ def submit(
             shared; or the submission failed.
     """
     pipeline = spec_mod.load(file, list(overrides))
-    relpath = project_path(file)
+    root = project_root(file)
+    relpath = project_path(file, root)
     client = client or JobsClient(address)
     sid = submission_id(pipeline, key)
     command = entrypoint(relpath, pipeline.overrides)
@@ -365,7 +395,7 @@ def submit(
         if busy:
             return Submission(busy[0], False, client.status(busy[0]), "", skipped=True)
     check_storage(pipeline, client.alive_nodes(), client.address)
-    runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES}
+    runtime_env = {"working_dir": str(root), "excludes": EXCLUDES}
     meta = {"raypipe_pipeline": pipeline.name, "raypipe_file": relpath, "raypipe_key": key}
     meta.update(metadata or {})
     try:

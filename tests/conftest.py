@@ -43,23 +43,34 @@ def ray_local():
     yield ray
 
 
-@pytest.fixture
-def ray_cluster():
-    """Two Ray nodes with one CPU each on this machine (``ray.cluster_utils.Cluster``)."""
+def _two_nodes(head_cpus: int, worker_cpus: int):
+    """Connects this process to a new two-node ``ray.cluster_utils.Cluster``; yields it."""
     import ray
     from ray.cluster_utils import Cluster
 
     ray.shutdown()
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "include_dashboard": False},
+        head_node_args={"num_cpus": head_cpus, "include_dashboard": False},
     )
-    cluster.add_node(num_cpus=1)
+    cluster.add_node(num_cpus=worker_cpus)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING")
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture
+def ray_cluster():
+    """Two Ray nodes with one CPU each on this machine (``ray.cluster_utils.Cluster``)."""
+    yield from _two_nodes(1, 1)
+
+
+@pytest.fixture
+def ray_cpu_less_head():
+    """A head with no CPUs (as on KubeRay and the cluster launcher) and a 2-CPU worker node."""
+    yield from _two_nodes(0, 2)
 
 
 @pytest.fixture(scope="session", autouse=True)

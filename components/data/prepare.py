@@ -12,7 +12,8 @@ How the work runs on Ray, and why the output never depends on it:
 3. **statistics** (tasks): exact per-channel sums over the train split's originals; exact
    sums add up to the same bits however the rows were partitioned.
 4. **write** (tasks, one per output shard): gather the shard's originals, augment (seeded by
-   row id and copy number), normalize, write Parquet with pinned options.
+   row id and copy number), normalize, encode Parquet with pinned options; the stage writes
+   the returned bytes into its output directory (see ``_write_shard`` for why not the task).
 
 Rows keep their source order in every split (trainers shuffle); a train original is followed
 by its augmented copies. ``chunk_rows`` and ``tasks`` change how the work is cut, never a byte
@@ -81,7 +82,7 @@ def prepare(
     import ray
 
     from components.data import normalization, sources
-    from components.data.shards import shard_name
+    from components.data.shards import shard_name, write_file
 
     if not ray.is_initialized():
         ray.init()
@@ -164,11 +165,20 @@ def prepare(
     copies = config.augment.copies
     if info.kind == "tabular" and config.augment.jitter == 0:
         copies = 0
-    write_task = ray.remote(num_cpus=1)(_write_shard).options(
-        scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
-            ray.get_runtime_context().get_node_id(), soft=False
-        )
-    )
+    # The write tasks run wherever Ray finds a CPU and send the encoded shard back: only this
+    # stage's process writes into out_dir. out_dir is local to the stage's node (for an s3://
+    # or file:// store it is the node's download cache, published by upload afterwards), so a
+    # task on another node could not write into it; pinning the tasks to this node instead
+    # hangs for ever when the node has no free CPU (a 0-CPU stage task on a num-cpus=0 head,
+    # or a 1-CPU head already holding a job driver). A shard's bytes cross the object store
+    # once, like the rows that went into it.
+    write_task = ray.remote(num_cpus=1)(_write_shard)
+
+    def write(value: dict) -> dict:
+        meta = write_file(value.pop("data"), out_dir / value["path"])
+        count("write", value["rows"])
+        return {**value, **meta}
+
     shard_specs = []
     for s, split in enumerate(SPLITS):
         pick = np.flatnonzero(split_of == s)
@@ -180,8 +190,7 @@ def prepare(
             shard_specs.append(
                 {
                     "split": split,
-                    "path": str(out_dir / shard_name(split, j)),
-                    "name": shard_name(split, j),
+                    "path": shard_name(split, j),
                     "chunk": rows["chunk"][sel],
                     "local": rows["local"][sel],
                     "row_id": rows["row_id"][sel],
@@ -196,7 +205,7 @@ def prepare(
         ),
         shard_specs,
         limit,
-        on_done=lambda meta: count("write", meta["rows"]),
+        on_done=write,
     )
     data_refs.clear()  # frees the object store before the (small) quarantine write
 
@@ -258,6 +267,8 @@ def _partial_unit(info: Any, local: Any, data: Any) -> Any:
 
 
 def _write_shard(spec: dict, info: Any, stats: dict, augment: Any, *chunks: Any) -> dict:
+    """Builds one shard and returns it encoded (``data``) with its split, path and rows; the
+    stage writes it (a task may run on any node, and only the stage's node has out_dir)."""
     import numpy as np
     import pyarrow as pa
 
@@ -305,8 +316,8 @@ def _write_shard(spec: dict, info: Any, stats: dict, augment: Any, *chunks: Any)
         columns["row_id"] = pa.array(spec["row_id"], pa.int64())
         columns["copy"] = pa.array(spec["copy"], pa.int32())
         table = pa.table(columns)
-    meta = shards.write_table(table, Path(spec["path"]))
-    return {"path": spec["name"], "split": spec["split"], **meta}
+    data = shards.encode_table(table)
+    return {"path": spec["path"], "split": spec["split"], "rows": table.num_rows, "data": data}
 
 
 # -- driver helpers ----------------------------------------------------------------------------
@@ -316,18 +327,21 @@ def _run_tasks(
     submit: Callable[[Any], Any],
     items: list[Any],
     limit: int,
-    on_done: Callable[[Any], None] | None = None,
+    on_done: Callable[[Any], Any] | None = None,
     first_only: bool = False,
 ) -> list[Any]:
     """Runs ``submit(item)`` for every item, at most ``limit`` tasks at once; returns the
     results in item order (tasks finish in any order: no core waits on a slow neighbour).
+
+    ``on_done(result)`` runs on each result as it arrives; what it returns, when not None, is
+    kept in place of the result (the write phase keeps a shard's metadata, not its bytes). If a
+    task or ``on_done`` fails, the tasks still running are stopped before the error is raised.
 
     With ``first_only`` a submission returns several refs: only the first is fetched and the
     result is ``(value, other refs...)``, so that bulk data stays in the object store.
     """
     import ray
 
-    from components.data.shards import ShardWriteError
     from components.data.sources import SourceError
 
     results: list[Any] = [None] * len(items)
@@ -343,22 +357,25 @@ def _run_tasks(
         index, refs = running.pop(done)
         try:
             value = ray.get(done)
+            if on_done is not None:
+                kept = on_done(value)
+                value = value if kept is None else kept
         except ray.exceptions.RayTaskError as e:
             _stop(list(running))
-            # these name the bad file: raise them as themselves, not wrapped in Ray's error
+            # a source error names the bad file: raise it as itself, not wrapped in Ray's error
             cause = getattr(e, "cause", None)
-            if isinstance(cause, SourceError | ShardWriteError):
+            if isinstance(cause, SourceError):
                 raise cause from None
             raise
+        except BaseException:
+            _stop(list(running))
+            raise
         results[index] = (value, *refs[1:]) if first_only else value
-        if on_done is not None:
-            on_done(value)
 
 
 def _stop(refs: list[Any], timeout: float = 60.0) -> None:
-    """Cancels tasks still running after one failed, and waits until they have ended: a write
-    task left running would go on writing shards into the output directory after the engine
-    removed it (and fill the disk further when the disk was what failed)."""
+    """Cancels the tasks still running after one failed, and waits until they have ended, so
+    a failed stage leaves no work of its own behind on the cluster."""
     import ray
 
     for ref in refs:

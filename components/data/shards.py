@@ -76,6 +76,34 @@ class ShardWriteError(OSError):
     """A shard could not be written (disk full, quota, permissions); names the file."""
 
 
+def encode_table(table: pa.Table) -> pa.Buffer:
+    """Encodes one shard (one row group) as Parquet with the pinned options, in memory."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=max(1, table.num_rows), **WRITE_OPTIONS)
+    return sink.getvalue()
+
+
+def write_file(data: bytes | pa.Buffer, path: Path) -> dict[str, Any]:
+    """Writes encoded bytes under a temporary name, then renames; returns bytes and sha256.
+
+    Raises:
+        ShardWriteError: the file could not be written; no part of it is left behind.
+    """
+    view = memoryview(data)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(view)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ShardWriteError(
+            e.errno, f"cannot write shard {path} ({view.nbytes} bytes): {e.strerror or e}"
+        ) from None
+    return {"bytes": view.nbytes, "sha256": hashlib.sha256(view).hexdigest()}
+
+
 def write_table(table: pa.Table, path: Path) -> dict[str, Any]:
     """Writes one shard (one row group) with pinned options; returns its rows, bytes, sha256.
 
@@ -85,22 +113,7 @@ def write_table(table: pa.Table, path: Path) -> dict[str, Any]:
     Raises:
         ShardWriteError: the file could not be written; no part of it is left behind.
     """
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=max(1, table.num_rows), **WRITE_OPTIONS)
-    data = sink.getvalue()
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise ShardWriteError(
-            e.errno, f"cannot write shard {path} ({data.size} bytes): {e.strerror or e}"
-        ) from None
-    sha = hashlib.sha256(data).hexdigest()
-    return {"rows": table.num_rows, "bytes": data.size, "sha256": sha}
+    return {"rows": table.num_rows, **write_file(encode_table(table), path)}
 
 
 def shard_name(split: str, index: int) -> str:

@@ -7,12 +7,9 @@ that nothing it started is left. Every process is stopped by pid, never by `ray 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
+import socket
 import time
 from pathlib import Path
 
@@ -22,8 +19,11 @@ from cluster_helpers import (
     ROOT,
     cli,
     cli_env,
+    history,
     output,
     processes_naming,
+    start_cli,
+    stop,
     submitted_id,
     wait_for,
 )
@@ -78,7 +78,7 @@ def test_submit_wait_status_logs_and_the_same_id_twice(cluster):
     details = json.loads(status.stdout)
     assert details["status"] == "SUCCEEDED"
     assert details["entrypoint"].startswith("python -m pipelines.cli run tests/cluster/sleep.yaml")
-    assert details["entrypoint"].endswith("--address auto")
+    assert details["entrypoint"].endswith("--ray-address auto")
     logs = cli("jobs", "logs", job, "--address", url)
     assert logs.returncode == 0 and "succeeded" in logs.stdout
     run_id = next(line.split()[1] for line in logs.stdout.splitlines() if line.startswith("run "))
@@ -158,32 +158,13 @@ def test_unreachable_address_and_unknown_job(cluster):
 
 
 def _history(state: Path) -> list[dict]:
-    path = state / "cluster-sleep" / "history.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return history(state, "cluster-sleep")
 
 
-def _scheduler(cluster, state: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "pipelines.cli", "schedule", PIPELINE, _store(cluster)]
-    cmd += ["left.seconds=8", "--address", cluster["info"].dashboard_url, "--every", "2"]
-    cmd += ["--state-dir", str(state), *extra]
-    return subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def _stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> str:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, sig)
-    out, _ = proc.communicate(timeout=60)
-    return out
+def _scheduler(cluster, state: Path, *extra: str):
+    args = ["schedule", PIPELINE, _store(cluster), "left.seconds=8"]
+    args += ["--address", cluster["info"].dashboard_url, "--every", "2"]
+    return start_cli(*args, "--state-dir", str(state), *extra)
 
 
 def test_scheduler_skips_busy_ticks_and_a_restart_does_not_double_run(cluster, tmp_path):
@@ -201,7 +182,7 @@ def test_scheduler_skips_busy_ticks_and_a_restart_does_not_double_run(cluster, t
         assert twin.wait(timeout=120) == 1
         assert "another scheduler" in twin.stdout.read()
     finally:
-        _stop(first, signal.SIGKILL)  # a crash: no clean-up ran
+        stop(first, signal.SIGKILL)  # a crash: no clean-up ran
     before = _history(state)
     running = next(e["job"] for e in before if e["event"] == "submitted")
     assert all(e["job"] == running for e in before if e["event"] == "skipped")
@@ -216,7 +197,7 @@ def test_scheduler_skips_busy_ticks_and_a_restart_does_not_double_run(cluster, t
             "a new run after the restart",
         )
     finally:
-        out = _stop(second)
+        out = stop(second)
     events = _history(state)
     finished = {e["job"]: e["status"] for e in events if e["event"] == "finished"}
     assert finished.get(running) == "SUCCEEDED", out
@@ -240,4 +221,22 @@ def test_down_stops_every_process_up_started(cluster):
     assert down.returncode == 0 and "stopped" in down.stdout, output(down)
     assert localcluster.alive_processes(info) == []
     assert processes_naming(info.temp_dir) == []
+    # The Ray client server, which `ray start` leaves to init, went too: its port is free.
+    client_port = int(info.client_address.rsplit(":", 1)[1])
+    assert processes_naming(f"--port={client_port}") == []
+    assert localcluster.port_is_free(client_port)
     assert localcluster.load(cluster["state"]) is None
+
+
+def test_the_head_takes_the_standard_ports_only_when_all_are_free():
+    standard = localcluster.STANDARD_PORTS
+    if not all(localcluster.port_is_free(p) for p in standard):
+        pytest.skip(f"a Ray of someone else's holds one of {standard}")
+    assert localcluster.head_ports() == standard
+    with socket.socket() as taken:  # one taken: three other ports, never a mix
+        # (SO_REUSEADDR as Ray's servers: a cluster just stopped may leave TIME_WAIT behind)
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", standard[1]))
+        taken.listen()
+        ports = localcluster.head_ports()
+    assert len(set(ports)) == 3 and not set(ports) & set(standard)

@@ -2,7 +2,7 @@
 gate), each time followed by `raypipe resume`: the final artifacts have the checksums of a run
 that was never interrupted, and no stage that had completed is computed again.
 
-The drivers are `raypipe` processes connected to this session's Ray (`--address`), as on a
+The drivers are `raypipe` processes connected to this session's Ray (`--ray-address`), as on a
 cluster: Ray ends a dead driver's tasks and actors itself. (A driver with an embedded Ray,
 killed with its whole process group, is tests/engine/test_engine.py's kill test.)"""
 
@@ -121,7 +121,7 @@ def test_driver_killed_during_data_training_and_gate_then_resumed(ray_local, tmp
 
     store = tmp_path / "killed"
     path = write_pipeline(tmp_path, store)
-    address = ["--address", ray_local.get_runtime_context().gcs_address]
+    address = ["--ray-address", ray_local.get_runtime_context().gcs_address]
 
     # 1. During data: as soon as the prepare task is running.
     log = tmp_path / "1-run.log"

@@ -22,6 +22,21 @@ compression can calibrate; its ``type`` is one of:
 - ``vector``: ``shape`` [D] floats (an RL observation), with ``low``/``high`` where bounded;
 - ``latent``: a generator's noise, ``latent_dim`` floats (and a label if ``num_classes``).
 
+What the inference object offers follows the bundle's ``output`` type, so that serving, the CLI
+and the gate can use any family's model:
+
+- ``classes``: ``predict(inputs)`` (label ids) and ``probabilities(inputs)`` ((N, C) floats);
+- ``value`` (regression): ``predict(inputs)``, in the target's own units;
+- ``image`` (generators): ``sample(n, label=None, seed=0)`` (pixels in [0, 1], (N, C, H, W))
+  and ``sample_grid(n, label, out, seed=0)``;
+- ``action`` (policies): ``act(observations)`` and ``rollout(episodes, ...)``;
+- ``tokens`` (language models): ``generate(prompt, tokens, temperature=1.0, top_k=None,
+  seed=0)`` (the completion, a string).
+
+``inputs`` are what a user holds, in the input spec's terms: normalized float32 arrays for
+``image`` (``normalization`` maps raw pixels there), a list of strings for ``text``, row dicts or
+a pandas DataFrame of raw column values for ``table``, float arrays for ``vector``.
+
 This module imports only the standard library; torch loads when weights are read.
 """
 

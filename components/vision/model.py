@@ -101,6 +101,10 @@ class ClassifierModel:
             parts = [self.module(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
         return torch.cat(parts) if parts else torch.zeros(0, self.bundle.hparams["num_classes"])
 
+    def probabilities(self, images, batch_size: int = 512) -> torch.Tensor:
+        """Class probabilities (N, C) of normalized float32 images (N, C, H, W)."""
+        return torch.softmax(self.logits(images, batch_size).float(), dim=1)
+
     def predict(self, images, batch_size: int = 512) -> torch.Tensor:
         """Class predictions of normalized float32 images (N, C, H, W)."""
         return self.logits(images, batch_size).argmax(1)

@@ -446,16 +446,38 @@ class Runner:
                 self._say(name, "cached")
                 self._track_stage(name, manifest)
                 return
+        unplaceable = self._unplaceable(name)
+        if unplaceable:
+            st.mark_failed(unplaceable, None)
+            self._say(name, f"FAILED: {unplaceable}")
+            self._track_stage(name, None)
+            return
         running[self._launch(name, key, forced)] = name
         st.mark_running()
         self._say(name, "started" + (" (forced)" if forced else ""))
 
-    def _launch(self, name: str, key: str, forced: bool) -> Any:
-        """Submits the stage's Ray task; returns its ObjectRef."""
+    def _unplaceable(self, name: str) -> str | None:
+        """Why a stage's workers can never be placed, or None. Stages wait for resources that
+        other stages hold (``training.RESOURCE_WAIT_S``); on the embedded Ray this run started,
+        whose size is fixed, a stage asking for more CPUs than it has would wait for ever."""
         import ray
 
         if not ray.is_initialized():
             self._started_ray = ensure_ray(self.address, self.ray_logs)
+        if not self._started_ray or self.address:
+            return None  # a cluster: an autoscaler may add the nodes
+        res = self.pipeline.stages[name].spec.resources
+        total = ray.cluster_resources().get("CPU", 0)
+        if res.workers * res.cpus_per_worker > total:
+            return (
+                f"resources: {res.workers} workers x {res.cpus_per_worker:g} CPUs need "
+                f"{res.workers * res.cpus_per_worker:g} CPUs; the local Ray has {total:g} "
+                "(lower stage.resources.workers, or run on a cluster with --ray-address)"
+            )
+        return None
+
+    def _launch(self, name: str, key: str, forced: bool) -> Any:
+        """Submits the stage's Ray task; returns its ObjectRef."""
         stage = self.pipeline.stages[name]
         job = StageJob(
             run_id=self.run_id,

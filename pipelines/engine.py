@@ -41,7 +41,7 @@ from pipelines.record import (
     load_record,
     progress_file,
 )
-from pipelines.spec import Pipeline
+from pipelines.spec import Pipeline, Stage
 from pipelines.stage_task import StageJob, remote_stage_task
 from pipelines.store import ArtifactInvalid, Store, digest_of
 
@@ -51,6 +51,12 @@ __all__ = ["PIPELINE_FILE", "RUN_FILE", "RunLocked", "RunRecord", "Runner", "loa
 def new_run_id() -> str:
     """A sortable, unique run id: UTC time plus random hex."""
     return dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def _entry(stage: Stage) -> StageEntry:
+    """A new run's record of ``stage``: its component, edges and config as validated."""
+    config = stage.config.model_dump(mode="json")
+    return StageEntry(uses=stage.uses, needs=list(stage.needs), config=config)
 
 
 def default_tracking_uri(store: Store) -> str | None:
@@ -229,9 +235,7 @@ class Runner:
                 tracking=tracking,
                 overrides=list(pipeline.overrides),
                 force=force,
-                stages={
-                    name: StageEntry(uses=pipeline.stages[name].uses) for name in pipeline.order
-                },
+                stages={name: _entry(pipeline.stages[name]) for name in pipeline.order},
             )
             self.forced = pipeline.descendants(set(force))
         else:

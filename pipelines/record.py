@@ -53,6 +53,8 @@ class StageEntry:
         traceback: the full traceback of a failure.
         attempts: how many times the stage was started in this run (resumes included).
         recomputed_because: why a cached artifact was not used (it failed verification).
+        needs: the stages it depends on (the pipeline's edges, for the report's graph).
+        config: the component's validated config, defaults filled in (for comparing runs).
     """
 
     uses: str
@@ -68,6 +70,8 @@ class StageEntry:
     traceback: str | None = None
     attempts: int = 0
     recomputed_because: str | None = None
+    needs: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
 
     def mark_pending(self) -> None:
         """Back to pending (a completed stage whose artifact no longer verifies)."""
@@ -144,7 +148,8 @@ class RunRecord:
     stages: dict[str, StageEntry] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, default=str)
+        # Stages stay in the pipeline's order (a dependency order), which the report shows.
+        return json.dumps(asdict(self), default=str)
 
     @classmethod
     def from_json(cls, text: str) -> RunRecord:

@@ -56,5 +56,7 @@ def pipeline(storage: Path, source: dict, model: dict, split: dict | None = None
             "with": model,
         },
     }
-    path.write_text(yaml.safe_dump({"name": "tabular-test", "storage": str(storage), "stages": stages}))
+    path.write_text(
+        yaml.safe_dump({"name": "tabular-test", "storage": str(storage), "stages": stages})
+    )
     return path

@@ -104,12 +104,7 @@ def read_image_dataset(artifact, component: str) -> DatasetInfo:
     Raises:
         ValueError: the artifact is another kind of dataset (names its stage and kind).
     """
-    info = load_dataset_info(artifact.path)
-    if info.kind != "image":
-        raise ValueError(
-            f"{component} needs an image dataset; stage {artifact.stage!r} produced {info.kind}"
-        )
-    return info
+    return _read_kind(artifact, component, "image", "an image")
 
 
 def read_table_dataset(artifact, component: str) -> DatasetInfo:
@@ -118,10 +113,14 @@ def read_table_dataset(artifact, component: str) -> DatasetInfo:
     Raises:
         ValueError: the artifact is another kind of dataset (names its stage and kind).
     """
+    return _read_kind(artifact, component, "tabular", "a tabular")
+
+
+def _read_kind(artifact, component: str, kind: str, noun: str) -> DatasetInfo:
     info = load_dataset_info(artifact.path)
-    if info.kind != "tabular":
+    if info.kind != kind:
         raise ValueError(
-            f"{component} needs a tabular dataset; stage {artifact.stage!r} produced {info.kind}"
+            f"{component} needs {noun} dataset; stage {artifact.stage!r} produced {info.kind}"
         )
     return info
 

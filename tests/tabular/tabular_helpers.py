@@ -8,6 +8,19 @@ import numpy as np
 import pandas as pd
 
 
+def regression_source(path: Path, label: str, categorical: list[str], **more) -> dict:
+    """A data.prepare ``source`` of one table file (CSV or Parquet, by its suffix) whose
+    ``label`` column is a regression target."""
+    return {
+        "kind": "parquet" if str(path).endswith(".parquet") else "csv",
+        "paths": [str(path)],
+        "task": "regression",
+        "label_column": label,
+        "categorical_columns": categorical,
+        **more,
+    }
+
+
 def diabetes_frame() -> pd.DataFrame:
     """scikit-learn's diabetes table in its original units (what ``sklearn_diabetes`` reads)."""
     from sklearn.datasets import load_diabetes

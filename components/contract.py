@@ -98,6 +98,9 @@ class Trainable:
             that is better; the first is what a search ranks by unless told otherwise.
         test_metrics: what :attr:`score` returns (what a gate may compare), likewise; the first
             is what a gate decides on unless told otherwise.
+        scored_on: ``(bundle) -> test metrics`` a given model is scored on, for a family whose
+            models differ (a tabular regressor: ``test/rmse`` first; a classifier:
+            ``test/accuracy``); None: all of :attr:`test_metrics`.
         prepare: ``(ctx) -> TrialData``: reads the stage's inputs (by kind) once.
         export: ``(out_dir, checkpoint_dir, data, config) -> test metrics``: writes the model
             bundle of a finished trial from its checkpoint (a trial ASHA stopped ends at an
@@ -139,10 +142,16 @@ class Trainable:
     )
     reads_models: tuple[str, ...] = ()
     smoke: Smoke | None = None
+    scored_on: Callable[[Any], dict[str, Mode]] | None = None
 
     def __post_init__(self) -> None:
         if (self.train_func is None) == (self.trial is None):
             raise ValueError(f"{self.component}: give exactly one of train_func and trial")
+
+    def test_metrics_of(self, bundle: Any) -> dict[str, Mode]:
+        """The test metrics a trained model (its bundle) is scored on; the first is what a
+        gate decides on unless told otherwise."""
+        return self.test_metrics if self.scored_on is None else self.scored_on(bundle)
 
     @property
     def metric_modes(self) -> dict[str, Mode]:

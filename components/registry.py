@@ -27,6 +27,7 @@ COMPONENTS: dict[str, str] = {
     "generative.vae": "components.generative.vae:VAEStage",
     "generative.gan": "components.generative.gan:GANStage",
     "rl.ddpg": "components.rl.ddpg:DDPGStage",
+    "tabular.mlp": "components.tabular.mlp:MLPStage",
     "tune.search": "components.tune.search:TuneSearch",
     "tune.evaluate": "components.tune.evaluate:TuneEvaluate",
 }

@@ -22,6 +22,10 @@ REQUIRED = {"tune.search": {"space": {"lr": {"choice": [1.0e-3]}}}}
 #: A small stage of each kind of data a family may need.
 DATA = {
     "dataset/image": {"uses": "data.prepare", "with": {"split": {"val": 0.2, "test": 0.2}}},
+    "dataset/tabular": {
+        "uses": "data.prepare",
+        "with": {"source": {"kind": "sklearn_diabetes"}, "split": {"val": 0.2, "test": 0.2}},
+    },
 }
 
 

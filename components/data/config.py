@@ -6,9 +6,10 @@ standard library only, so that validating a pipeline file never imports numpy, p
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from components.api import StrictModel
 
@@ -38,14 +39,14 @@ class MnistIdxSource(StrictModel):
     Attributes:
         images: image files, (N, H, W) or (N, H, W, C) unsigned bytes.
         labels: label files, one per image file and in the same order.
-        num_classes: labels must lie in ``[0, num_classes)``.
+        num_classes: labels must lie in ``[0, num_classes)`` (IDX labels are bytes: 256 at most).
         class_names: names of the classes (default ``"0"``, ``"1"``, ...).
     """
 
     kind: Literal["mnist_idx"]
     images: list[str] = Field(min_length=1)
     labels: list[str] = Field(min_length=1)
-    num_classes: int = Field(10, ge=1)
+    num_classes: int = Field(10, ge=1, le=256)
     class_names: list[str] | None = None
 
     @model_validator(mode="after")
@@ -96,31 +97,106 @@ class ImageFolderSource(StrictModel):
     max_pixels: int = Field(50_000_000, ge=1)
 
 
+#: The most classes a classification source may have (given or inferred from its labels). Work
+#: and memory downstream grow with it (class-name lists, the split's strata, a confusion
+#: matrix of C x C counts), so a number read from a file or a config is checked against it
+#: before anything is sized by it.
+MAX_CLASSES = 10_000
+#: The most distinct values a categorical column may hold (``max_levels`` may raise it).
+MAX_LEVELS = 100_000
+PACKAGE_NAME = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
+
+
 class _TabularSource(StrictModel):
     """Fields shared by the tabular sources.
 
     Attributes:
         paths: the files, read in the order given.
-        label_column: integer class labels.
+        package: an installed package whose folder ``paths`` are relative to: data that ships
+            inside a registry package (``statsmodels``: ``datasets/randhie/src/randhie.csv``).
+        task: ``classification`` (integer class labels) or ``regression`` (a number; its mean
+            and scale over the train split are stored with the dataset and the model, and
+            undone at prediction; two rows are duplicates only when their targets are equal
+            too).
+        label_column: the target column (class labels, or the value a regression predicts).
         feature_columns: feature columns (default: every column but the label).
-        categorical_columns: features kept as strings, neither normalized nor jittered; every
-            other feature must be numeric.
+        categorical_columns: features kept as strings, neither normalized nor jittered; a
+            model learns an embedding per level seen in the train split, and every other
+            value (one never seen) falls into one shared bucket. Every other feature must be
+            numeric.
+        impute: what happens to a missing numeric value (empty, ``NA``, ``null``, ``NaN``):
+            ``quarantine`` the row, or fill it with the train split's ``median`` or ``mode``
+            (counted per column in the accounting). A missing category is a level of its own
+            under ``quarantine``; ``median`` and ``mode`` fill it with the train split's most
+            frequent level. Infinite and non-numeric values are always quarantined.
+        max_levels: a categorical column with more distinct values than this fails the stage
+            (an identifier is not a category: leave it out of the features).
         num_classes: labels must lie in ``[0, num_classes)``; default: non-negative labels,
-            ``num_classes`` = largest label + 1.
+            ``num_classes`` = largest label + 1 (at most ``MAX_CLASSES``).
     """
 
     paths: list[str] = Field(min_length=1)
+    package: str | None = Field(None, pattern=PACKAGE_NAME)
+    task: Literal["classification", "regression"] = "classification"
     label_column: str = "label"
     feature_columns: list[str] | None = None
     categorical_columns: list[str] = []
-    num_classes: int | None = Field(None, ge=1)
+    impute: Literal["quarantine", "median", "mode"] = "quarantine"
+    max_levels: int = Field(1000, ge=1, le=MAX_LEVELS)
+    num_classes: int | None = Field(None, ge=1, le=MAX_CLASSES)
+
+    @model_validator(mode="after")
+    def _columns(self) -> _TabularSource:
+        if self.task == "regression" and self.num_classes is not None:
+            raise ValueError("num_classes is for classification; this source is a regression")
+        if self.package is not None:
+            for path in self.paths:
+                if path.startswith("/") or ".." in Path(path).parts:
+                    raise ValueError(
+                        f"paths: {path!r} must be relative to the package's folder, inside it"
+                    )
+        named = [self.label_column, *(self.feature_columns or []), *self.categorical_columns]
+        if any(not name for name in named):
+            raise ValueError("column names must not be empty")
+        if self.label_column in (self.feature_columns or []) + self.categorical_columns:
+            raise ValueError(f"the label column {self.label_column!r} cannot also be a feature")
+        return self
+
+    def files(self) -> list[str]:
+        """The files to read: ``paths``, or ``paths`` inside the installed ``package``'s folder
+        (found without importing the package).
+
+        Raises:
+            ModuleNotFoundError: the package is not installed (the message says how to).
+        """
+        if self.package is None:
+            return list(self.paths)
+        import importlib.util
+
+        try:
+            spec = importlib.util.find_spec(self.package)
+        except (ImportError, ValueError):
+            spec = None
+        folders = list(spec.submodule_search_locations or []) if spec else []
+        if not folders:
+            top = self.package.split(".")[0]
+            raise ModuleNotFoundError(f"{self.package!r} is not installed (pip install {top})")
+        return [str(Path(folders[0]) / p) for p in self.paths]
 
 
 class CsvSource(_TabularSource):
-    """CSV files with a header row. Each file is read by one task: split big tables into files."""
+    """CSV files with a header row. A file is read in pieces of ``chunk_rows`` rows, each by
+    one task (a quoted field may span lines)."""
 
     kind: Literal["csv"]
-    delimiter: str = ","
+    delimiter: str = Field(",", min_length=1, max_length=1)
+
+    @field_validator("delimiter")
+    @classmethod
+    def _one_separator(cls, value: str) -> str:
+        if value in ('"', "\n", "\r"):
+            raise ValueError(f"{value!r} cannot separate CSV fields; use e.g. ',', ';' or a tab")
+        return value
 
 
 class ParquetSource(_TabularSource):
@@ -129,13 +205,22 @@ class ParquetSource(_TabularSource):
     kind: Literal["parquet"]
 
 
+class SklearnDiabetesSource(StrictModel):
+    """scikit-learn's bundled diabetes table: 442 patients, 10 numeric features (age, sex,
+    bmi, bp, s1..s6, in their original units) and ``progression``, a disease-progression score
+    one year later (regression)."""
+
+    kind: Literal["sklearn_diabetes"]
+
+
 Source = Annotated[
     SklearnDigitsSource
     | MnistIdxSource
     | Cifar10BinarySource
     | ImageFolderSource
     | CsvSource
-    | ParquetSource,
+    | ParquetSource
+    | SklearnDiabetesSource,
     Field(discriminator="kind"),
 ]
 

@@ -28,8 +28,8 @@ class DatasetInfo:
         path: the artifact directory.
         kind: ``image`` or ``tabular``.
         image_shape: (C, H, W) of the ``image`` column (images only).
-        num_classes: labels are ints in ``[0, num_classes)``.
-        class_names: a name per label.
+        num_classes: labels are ints in ``[0, num_classes)`` (None for a regression).
+        class_names: a name per label (None for a regression).
         feature_columns: numeric feature columns, float32, normalized (tabular only).
         categorical_columns: string feature columns (tabular only).
         normalization: ``method``, per-channel ``mean``/``std``/``min``/``max`` on the [0, 1]
@@ -38,13 +38,15 @@ class DatasetInfo:
         splits: per split: ``rows``, ``originals`` and its shard paths.
         shards: every shard: ``path``, ``split``, ``rows``, ``bytes``, ``sha256``.
         raw: the whole ``dataset.json``.
+        task: ``classification`` or ``regression`` (tables).
+        label_column: the shards' target column (``label``; ``target`` for a regression).
     """
 
     path: Path
     kind: str
     image_shape: tuple[int, int, int] | None
-    num_classes: int
-    class_names: list[str]
+    num_classes: int | None
+    class_names: list[str] | None
     feature_columns: list[str]
     categorical_columns: list[str]
     normalization: dict[str, Any]
@@ -52,6 +54,8 @@ class DatasetInfo:
     splits: dict[str, Any]
     shards: list[dict[str, Any]]
     raw: dict[str, Any]
+    task: str = "classification"
+    label_column: str = "label"
 
     def shard_paths(self, split: str) -> list[Path]:
         """Returns the shard files of a split (``train``, ``val``, ``test`` or ``quarantine``)."""
@@ -100,10 +104,23 @@ def read_image_dataset(artifact, component: str) -> DatasetInfo:
     Raises:
         ValueError: the artifact is another kind of dataset (names its stage and kind).
     """
+    return _read_kind(artifact, component, "image", "an image")
+
+
+def read_table_dataset(artifact, component: str) -> DatasetInfo:
+    """The :class:`DatasetInfo` of an input artifact that must hold a table.
+
+    Raises:
+        ValueError: the artifact is another kind of dataset (names its stage and kind).
+    """
+    return _read_kind(artifact, component, "tabular", "a tabular")
+
+
+def _read_kind(artifact, component: str, kind: str, noun: str) -> DatasetInfo:
     info = load_dataset_info(artifact.path)
-    if info.kind != "image":
+    if info.kind != kind:
         raise ValueError(
-            f"{component} needs an image dataset; stage {artifact.stage!r} produced {info.kind}"
+            f"{component} needs {noun} dataset; stage {artifact.stage!r} produced {info.kind}"
         )
     return info
 
@@ -133,6 +150,8 @@ def load_dataset_info(artifact_dir: str | Path) -> DatasetInfo:
         splits=raw["splits"],
         shards=raw["shards"],
         raw=raw,
+        task=raw.get("task", "classification"),
+        label_column=raw.get("label_column", "label"),
     )
 
 
@@ -156,7 +175,8 @@ def load_numpy(artifact_dir: str | Path, split: str) -> tuple[np.ndarray, np.nda
     """Loads a whole split into memory without Ray (for small data and tests).
 
     Returns:
-        ``(x, y)``: float32 (N, C, H, W) images or (N, F) numeric features, and int64 labels.
+        ``(x, y)``: float32 (N, C, H, W) images or (N, F) numeric features, and int64 labels
+        (float64 targets, in their own units, for a regression).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -165,9 +185,11 @@ def load_numpy(artifact_dir: str | Path, split: str) -> tuple[np.ndarray, np.nda
     paths = info.shard_paths(split)
     if not paths:
         width = info.image_shape or (len(info.feature_columns),)
-        return np.zeros((0, *width), np.float32), np.zeros(0, np.int64)
+        y_type = np.float64 if info.task == "regression" else np.int64
+        return np.zeros((0, *width), np.float32), np.zeros(0, y_type)
     table = pa.concat_tables([pq.read_table(p) for p in paths])
-    y = table.column("label").to_numpy().astype(np.int64)
+    y = table.column(info.label_column).to_numpy()
+    y = y.astype(np.float64 if info.task == "regression" else np.int64)
     if info.kind == "image":
         return image_column(table.column("image"), info.image_shape), y
     x = np.stack([table.column(c).to_numpy() for c in info.feature_columns], axis=1)

@@ -44,7 +44,7 @@ class RejectedRowsError(ValueError):
 class Prepare(Component):
     """Cleans, splits, normalizes and augments a source into Parquet shards (see module doc)."""
 
-    version = "1"
+    version = "2"  # 2: regression targets, imputation, category levels; CSV read in pieces
     Config = PrepareConfig
     produces = "dataset"  # dataset/image or dataset/tabular: see artifact_kind
     resources_affect_output = False
@@ -62,7 +62,12 @@ class Prepare(Component):
 
 
 def source_paths(source: Any) -> list[str]:
-    """The files and folders a source reads (none for the bundled digits)."""
+    """The files and folders a source reads (none for the bundled digits and diabetes)."""
+    if getattr(source, "package", None):
+        try:
+            return source.files()
+        except ModuleNotFoundError:
+            return list(source.paths)  # the stage itself says the package is missing
     paths = [getattr(source, name, None) for name in ("images", "labels", "paths", "root")]
     return [p for group in paths if group for p in ([group] if isinstance(group, str) else group)]
 
@@ -92,6 +97,9 @@ def prepare(
     limit = config.tasks or max(1, int(ray.cluster_resources().get("CPU", 1)))
 
     info, units = sources.plan(config.source, config.chunk_rows)
+    where = ", ".join(source_paths(config.source)) or config.source.kind
+    if not units:
+        raise sources.SourceError(f"{where}: no rows to read (the source is empty)")
 
     # 1. read -----------------------------------------------------------------------------------
     read_task = ray.remote(num_returns=2, num_cpus=1)(_read_unit)
@@ -102,11 +110,16 @@ def prepare(
         done[key] += rows
         report(rows_done=done[key], phase=key)
 
+    def read_done(meta: Any) -> None:
+        if isinstance(meta, sources.SourceError):
+            raise meta  # a task found the source unreadable: the stage fails with its message
+        count("read", meta.rows_in)
+
     read = _run_tasks(
         lambda u: read_task.remote(source_ref, info, u),
         units,
         limit,
-        on_done=lambda meta: count("read", meta.rows_in),
+        on_done=read_done,
         first_only=True,
     )
     metas = [meta for meta, _ in read]
@@ -135,30 +148,42 @@ def prepare(
         first = inverse
     rows_in = sum(m.rows_in for m in metas)
     if rows_in == 0:
-        where = ", ".join(source_paths(config.source)) or config.source.kind
         raise sources.SourceError(f"{where}: no rows to read (the source is empty)")
     by_reason = dict(sorted(Counter(r.reason for r in rejects).items()))
     _check_rejected(rows_in, rejects, by_reason, len(duplicates), config)
     if len(rows["label"]) == 0:
         raise RejectedRowsError(f"data.prepare: no rows left of {rows_in} input rows")
-    num_classes = info.num_classes or int(rows["label"].max()) + 1
-    split_of = _split(rows["label"], first, inverse, num_classes, config)
+    regression = info.task == "regression"
+    # bounded: labels were checked against num_classes (or MAX_CLASSES) as they were read
+    num_classes = None if regression else info.num_classes or int(rows["label"].max()) + 1
+    strata = np.zeros(len(rows["label"]), np.int64) if regression else rows["label"]
+    split_of = _split(strata, first, inverse, config)
 
     phases["dedup_split"] = time.time() - started - sum(phases.values())
     # 3. statistics over the train originals ----------------------------------------------------
-    partial_task = ray.remote(num_cpus=1)(_partial_unit)
     train = split_of == 0
     jobs = [(c, rows["local"][train & (rows["chunk"] == c)]) for c in range(len(data_refs))]
     jobs = [(c, local) for c, local in jobs if len(local)]
-    parts = _run_tasks(
-        lambda job: partial_task.remote(info, job[1], data_refs[job[0]]), jobs, limit
-    )
-    total = sum(parts[1:], parts[0]) if parts else None
-    if total is None:
+    if not jobs:
         raise RejectedRowsError("data.prepare: the train split is empty; lower split.val/test")
-    scale = info.pixel_scale if info.kind == "image" else 1.0
-    stats = normalization.finish(total, config.normalize.method, scale)
-    stats["pixel_scale"] = scale if info.kind == "image" else None
+    table: dict[str, Any] = {}
+    if info.kind == "image":
+        partial_task = ray.remote(num_cpus=1)(_partial_unit)
+        parts = _run_tasks(
+            lambda job: partial_task.remote(info, job[1], data_refs[job[0]]), jobs, limit
+        )
+        total = sum(parts[1:], parts[0])
+        stats = normalization.finish(total, config.normalize.method, info.pixel_scale)
+        stats["pixel_scale"] = info.pixel_scale
+    else:
+        stats, table = _table_statistics(info, config, jobs, data_refs, limit, where)
+        stats["pixel_scale"] = None
+        if regression:
+            target = normalization.finish(
+                normalization.table_partial([rows["label"][train]]), "standard"
+            )
+            mean, std = target["mean"][0], target["std"][0]
+            table["target_normalization"] = {"mean": mean, "std": std, "scale": std or 1.0}
 
     phases["statistics"] = time.time() - started - sum(phases.values())
     # 4. write shards ---------------------------------------------------------------------------
@@ -174,8 +199,11 @@ def prepare(
     # once, like the rows that went into it.
     write_task = ray.remote(num_cpus=1)(_write_shard)
 
+    imputed: Counter = Counter()
+
     def write(value: dict) -> dict:
         meta = write_file(value.pop("data"), out_dir / value["path"])
+        imputed.update(value.pop("imputed", {}))
         count("write", value["rows"])
         return {**value, **meta}
 
@@ -198,7 +226,7 @@ def prepare(
                     "copy": copy[lo : lo + config.rows_per_shard],
                 }
             )
-    job_args = (info, stats, config.augment)
+    job_args = (info, stats, config.augment, table.get("fill", {}))
     shards = _run_tasks(
         lambda spec: write_task.remote(
             spec, *job_args, *[data_refs[c] for c in np.unique(spec["chunk"])]
@@ -226,8 +254,10 @@ def prepare(
         "rows_out_by_split": rows_out,
         "balanced": rows_in == kept + len(rejects) + len(duplicates),
     }
+    if info.kind == "tabular" and info.impute != "quarantine":
+        accounting["imputed_by_column"] = {c: imputed[c] for c in table["fill"]}
     assert accounting["balanced"], accounting  # the reads above count every row exactly once
-    dataset = _describe(config, info, num_classes, stats, accounting, shards, quarantine)
+    dataset = _describe(config, info, num_classes, stats, accounting, shards, quarantine, table)
     (out_dir / DATASET_FILE).write_text(json.dumps(dataset, indent=2, sort_keys=True) + "\n")
     seconds = time.time() - started
     return {
@@ -248,36 +278,163 @@ def prepare(
 
 
 def _read_unit(source: Any, info: Any, unit: Any) -> tuple[Any, Any]:
+    """Reads one unit; a source it finds unreadable is returned, not raised: the stage fails
+    with its one-line message, and Ray prints no worker traceback for an expected error."""
     from components.data import sources
 
-    chunk = sources.read(source, info, unit)
+    try:
+        chunk = sources.read(source, info, unit)
+    except sources.SourceError as e:
+        return e, None
     return chunk.meta(), chunk.data
 
 
 def _partial_unit(info: Any, local: Any, data: Any) -> Any:
+    """Exact per-channel sums over some train original images of one chunk."""
+    from components.data import normalization
+
+    return normalization.image_partial(data[local])
+
+
+def _table_partial(info: Any, local: Any, data: Any, what: str, arg: Any = None) -> Any:
+    """One task of the table statistics, over some train originals of one chunk.
+
+    ``what``: ``count`` (missing values per numeric column, each categorical column's level
+    counts, and exact sums where nothing is missing), ``values`` (the observed values of the
+    columns ``arg``: for a median) or ``sums`` (exact sums once missing values are filled with
+    ``arg``, a fill per numeric column).
+    """
+    from collections import Counter
+
     import numpy as np
 
     from components.data import normalization
+    from components.data.table import fill_numeric
 
-    if info.kind == "image":
-        return normalization.image_partial(data[local])
     table = data.take(local)
-    cols = [table.column(c).to_numpy().astype(np.float64) for c in info.feature_columns]
-    return normalization.table_partial(cols)
+    x = (
+        np.stack(
+            [table.column(c).to_numpy().astype(np.float64) for c in info.feature_columns], axis=1
+        )
+        if info.feature_columns
+        else np.zeros((table.num_rows, 0))
+    )
+    if what == "values":
+        return {c: x[:, info.feature_columns.index(c)] for c in arg}
+    if what == "sums":
+        x = fill_numeric(x, arg)
+        return normalization.table_partial([x[:, j] for j in range(x.shape[1])])
+    missing = np.isnan(x).sum(axis=0)
+    return {
+        "missing": missing.tolist(),
+        "levels": {c: Counter(table.column(c).to_pylist()) for c in info.categorical_columns},
+        "sums": None
+        if missing.any()
+        else normalization.table_partial([x[:, j] for j in range(x.shape[1])]),
+    }
 
 
-def _write_shard(spec: dict, info: Any, stats: dict, augment: Any, *chunks: Any) -> dict:
-    """Builds one shard and returns it encoded (``data``) with its split, path and rows; the
-    stage writes it (a task may run on any node, and only the stage's node has out_dir)."""
+def _table_statistics(
+    info: Any, config: PrepareConfig, jobs: list, data_refs: list, limit: int, where: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Normalization statistics of a table's numeric features over the train originals, what
+    fills a missing value (the source's ``impute``), and every categorical column's levels.
+
+    A first pass counts; only where the source imputes and values are missing, a second pass
+    gathers the columns' observed values for their median or mode, and a third sums again with
+    them filled in (the statistics describe what the shards hold).
+
+    Raises:
+        SourceError: a column has no value to impute from, or more levels than ``max_levels``.
+    """
+    from collections import Counter
+
+    import numpy as np
+    import ray
+
+    from components.data import normalization, sources
+
+    task = ray.remote(num_cpus=1)(_table_partial)
+
+    def run(what: str, arg: Any = None) -> list[Any]:
+        return _run_tasks(
+            lambda job: task.remote(info, job[1], data_refs[job[0]], what, arg), jobs, limit
+        )
+
+    counted = run("count")
+    missing = np.sum([part["missing"] for part in counted], axis=0)
+    levels: dict[str, Counter] = {c: Counter() for c in info.categorical_columns}
+    for part in counted:
+        for c, counts in part["levels"].items():
+            levels[c].update(counts)
+    for c, counts in levels.items():
+        if len(counts) > info.max_levels:
+            raise sources.SourceError(
+                f"{where}: categorical column {c!r} has {len(counts)} distinct values in the "
+                f"train split, more than source.max_levels={info.max_levels}: an identifier is "
+                "not a category (leave it out of the features) or raise max_levels"
+            )
+    fill: dict[str, Any] = {}
+    if info.impute != "quarantine":
+        need = [c for c, n in zip(info.feature_columns, missing, strict=True) if n]
+        gathered = run("values", need) if need else []
+        for c in need:
+            values = np.concatenate([part[c] for part in gathered])
+            values = values[~np.isnan(values)]
+            if not len(values):
+                raise sources.SourceError(
+                    f"{where}: column {c!r} has no value in the train split to impute from "
+                    "(every value is missing): leave it out of the features"
+                )
+            fill[c] = float(np.median(values)) if info.impute == "median" else _mode(values)
+        for c, counts in levels.items():
+            if counts.get(None):
+                present = {v: n for v, n in counts.items() if v is not None}
+                if not present:
+                    raise sources.SourceError(
+                        f"{where}: column {c!r} has no value in the train split to impute from "
+                        "(every value is missing): leave it out of the features"
+                    )
+                fill[c] = _mode(present)
+                levels[c] = Counter(present)  # the missing ones become the mode
+                levels[c][fill[c]] += counts[None]
+    parts = [part["sums"] for part in counted]
+    if any(part is None for part in parts):
+        parts = run("sums", [fill.get(c) for c in info.feature_columns])
+    stats = normalization.finish(sum(parts[1:], parts[0]), config.normalize.method)
+    ordered = {
+        c: sorted(counts, key=lambda v: (v is not None, v or "")) for c, counts in levels.items()
+    }
+    return stats, {"fill": fill, "levels": ordered}
+
+
+def _mode(values: Any) -> Any:
+    """The most frequent value (ties: the smallest), of an array or of {value: count}."""
+    import numpy as np
+
+    if isinstance(values, dict):
+        return min(values, key=lambda v: (-values[v], v))
+    unique, counts = np.unique(values, return_counts=True)
+    return float(unique[np.argmax(counts)])  # argmax takes the first: the smallest value
+
+
+def _write_shard(
+    spec: dict, info: Any, stats: dict, augment: Any, fill: dict, *chunks: Any
+) -> dict:
+    """Builds one shard and returns it encoded (``data``) with its split, path, rows and the
+    values it imputed per column (originals only); the stage writes it (a task may run on any
+    node, and only the stage's node has out_dir)."""
     import numpy as np
     import pyarrow as pa
 
     from components.data import normalization, shards
     from components.data.augment import augment_images, jitter_features
+    from components.data.table import numeric_inputs
 
     chunk_ids = np.unique(spec["chunk"])
     where = np.searchsorted(chunk_ids, spec["chunk"])
     aug = spec["copy"] > 0
+    imputed: dict[str, int] = {}
     if info.kind == "image":
         c, h, w = info.shape
         x = np.empty((len(where), c, h, w), dtype=np.float32)
@@ -302,7 +459,12 @@ def _write_shard(spec: dict, info: Any, stats: dict, augment: Any, *chunks: Any)
             if info.feature_columns
             else np.zeros((table.num_rows, 0))
         )
-        feats = normalization.apply(feats, stats) if info.feature_columns else feats
+        original = spec["copy"] == 0
+        for j, col in enumerate(info.feature_columns):
+            if col in fill:
+                imputed[col] = int(np.isnan(feats[original, j]).sum())
+        # the same function a loaded model applies to raw rows: fill, then normalize
+        feats = numeric_inputs(feats, [fill.get(c) for c in info.feature_columns], stats)
         if aug.any() and info.feature_columns:
             feats[aug] = jitter_features(
                 feats[aug], spec["row_id"][aug], spec["copy"][aug], augment
@@ -311,13 +473,26 @@ def _write_shard(spec: dict, info: Any, stats: dict, augment: Any, *chunks: Any)
             col: pa.array(feats[:, j], pa.float32()) for j, col in enumerate(info.feature_columns)
         }
         for col in info.categorical_columns:
-            columns[col] = table.column(col)
-        columns["label"] = pa.array(spec["label"], pa.int64())
+            values = table.column(col)
+            if col in fill:
+                imputed[col] = int(np.asarray(values.is_null())[original].sum())
+                values = values.fill_null(fill[col])
+            columns[col] = values
+        if info.task == "regression":
+            columns["target"] = pa.array(spec["label"], pa.float64())
+        else:
+            columns["label"] = pa.array(spec["label"], pa.int64())
         columns["row_id"] = pa.array(spec["row_id"], pa.int64())
         columns["copy"] = pa.array(spec["copy"], pa.int32())
         table = pa.table(columns)
     data = shards.encode_table(table)
-    return {"path": spec["path"], "split": spec["split"], "rows": table.num_rows, "data": data}
+    return {
+        "path": spec["path"],
+        "split": spec["split"],
+        "rows": table.num_rows,
+        "data": data,
+        "imputed": imputed,
+    }
 
 
 # -- driver helpers ----------------------------------------------------------------------------
@@ -393,7 +568,7 @@ def _kept_rows(metas: list) -> dict[str, Any]:
         "row_id": np.concatenate(
             [o + m.pos for o, m in zip(offsets, metas, strict=False)] or [[]]
         ).astype(np.int64),
-        "label": np.concatenate([m.labels for m in metas]).astype(np.int64),
+        "label": np.concatenate([m.labels for m in metas]),
         "hash": np.concatenate([m.hashes for m in metas]),
         "chunk": np.concatenate(
             [np.full(len(m.pos), c, dtype=np.int32) for c, m in enumerate(metas)]
@@ -433,21 +608,21 @@ def _check_rejected(
     )
 
 
-def _split(labels: Any, first: Any, inverse: Any, num_classes: int, config: PrepareConfig) -> Any:
-    """Assigns 0 (train), 1 (val) or 2 (test) to every row, stratified by label.
+def _split(strata: Any, first: Any, inverse: Any, config: PrepareConfig) -> Any:
+    """Assigns 0 (train), 1 (val) or 2 (test) to every row, stratified by ``strata`` (the
+    class labels; all zeros for a regression).
 
     The draw is over distinct contents (``first``: a representative row of each group), and
-    every row follows its group, so identical rows never land in two splits.
+    every row follows its group, so identical rows never land in two splits. The loop runs
+    over the strata the rows hold, never over a count read from the input.
     """
     import numpy as np
 
     group_split = np.zeros(len(first), dtype=np.int8)
-    group_label = labels[first]
-    for label in range(num_classes):
-        members = np.flatnonzero(group_label == label)
-        if len(members) == 0:
-            continue
-        rng = np.random.default_rng([config.split.seed, label])
+    group_stratum = strata[first]
+    for stratum in np.unique(group_stratum).tolist():
+        members = np.flatnonzero(group_stratum == stratum)
+        rng = np.random.default_rng([config.split.seed, stratum])
         members = members[rng.permutation(len(members))]
         n_test = int(round(config.split.test * len(members)))
         n_val = int(round(config.split.val * len(members)))
@@ -478,13 +653,17 @@ def _write_quarantine(out_dir: Path, rejects: list, rows_per_shard: int) -> list
 def _describe(
     config: PrepareConfig,
     info: Any,
-    num_classes: int,
+    num_classes: int | None,
     stats: dict,
     accounting: dict,
     shards: list[dict],
     quarantine: list[dict],
+    table: dict[str, Any],
 ) -> dict[str, Any]:
-    """The contents of ``dataset.json``: everything a trainer or an inference service needs."""
+    """The contents of ``dataset.json``: everything a trainer or an inference service needs
+    (for a table also: the task, the target, what fills a missing value, every categorical
+    column's train levels, a regression target's mean and scale)."""
+    label_column = "target" if info.task == "regression" else "label"
     if info.kind == "image":
         columns = {
             "image": {"dtype": "float32", "shape": list(info.shape)},
@@ -493,10 +672,20 @@ def _describe(
     else:
         columns = {c: {"dtype": "float32"} for c in info.feature_columns}
         columns.update({c: {"dtype": "string"} for c in info.categorical_columns})
-        columns["label"] = {"dtype": "int64"}
+        columns[label_column] = {"dtype": "float64" if info.task == "regression" else "int64"}
     columns["row_id"] = {"dtype": "int64"}
     columns["copy"] = {"dtype": "int32"}
-    names = info.class_names or [str(i) for i in range(num_classes)]
+    names = info.class_names or [str(i) for i in range(num_classes or 0)]
+    facts = {}
+    if info.kind == "tabular":
+        facts = {
+            "task": info.task,
+            "target": info.target,
+            "impute": info.impute,
+            "fill": table.get("fill", {}),
+            "levels": table.get("levels", {}),
+            "target_normalization": table.get("target_normalization"),
+        }
     return {
         "format": FORMAT,
         "kind": info.kind,
@@ -504,9 +693,9 @@ def _describe(
         "image_shape": list(info.shape) if info.shape else None,
         "feature_columns": info.feature_columns,
         "categorical_columns": info.categorical_columns,
-        "label_column": "label",
+        "label_column": label_column,
         "num_classes": num_classes,
-        "class_names": names,
+        "class_names": names if num_classes is not None else None,
         "columns": columns,
         "normalization": stats,
         "accounting": accounting,
@@ -525,4 +714,5 @@ def _describe(
             "shards": quarantine,
         },
         "config": config.model_dump(mode="json"),
+        **facts,
     }

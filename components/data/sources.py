@@ -23,13 +23,16 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from components.data.config import (
+    MAX_CLASSES,
     Cifar10BinarySource,
     CsvSource,
     ImageFolderSource,
     MnistIdxSource,
     ParquetSource,
+    SklearnDiabetesSource,
     SklearnDigitsSource,
 )
+from components.data.table import MISSING_REASONS, category_text, parse_numeric, quote
 
 #: Every reason a row can be quarantined for, in the order reports list them.
 REASONS = (
@@ -50,7 +53,6 @@ DUPLICATE = "duplicate"
 
 _IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _CIFAR_RECORD = 1 + 3 * 32 * 32
-_MISSING_STRINGS = ("", "na", "n/a", "null", "none")
 
 
 class SourceError(ValueError):
@@ -77,6 +79,8 @@ class Unit:
         stop: one past the last record.
         labels: the class of each file (image folder), ``None`` for files outside a class.
         row_group: the Parquet row group the unit reads.
+        byte_range: the bytes of a CSV piece (whole records), read after the file's header.
+        header_bytes: the length of the CSV file's header line.
     """
 
     paths: list[str]
@@ -84,6 +88,8 @@ class Unit:
     stop: int = 0
     labels: list[int | None] = field(default_factory=list)
     row_group: int = 0
+    byte_range: tuple[int, int] | None = None
+    header_bytes: int = 0
 
 
 @dataclass
@@ -93,7 +99,7 @@ class Chunk:
     Attributes:
         rows_in: input rows the unit held (kept + rejected).
         pos: position of each kept row among the unit's input rows.
-        labels: int64 label of each kept row.
+        labels: int64 label (float64 regression target) of each kept row.
         hashes: 16-byte content hash of each kept row (dtype ``S16``).
         sources: files named by ``loc_file``.
         loc_file: index into ``sources`` of each kept row.
@@ -129,6 +135,10 @@ class SourceInfo:
         class_names: names of the classes, when known.
         feature_columns: numeric features (tabular only).
         categorical_columns: string features (tabular only).
+        task: ``classification`` or ``regression`` (tabular).
+        target: the label (target) column (tabular).
+        impute: ``quarantine``, ``median`` or ``mode`` (tabular: see the source's config).
+        max_levels: the most distinct values of a categorical column (tabular).
     """
 
     kind: str
@@ -138,6 +148,10 @@ class SourceInfo:
     class_names: list[str] | None = None
     feature_columns: list[str] = field(default_factory=list)
     categorical_columns: list[str] = field(default_factory=list)
+    task: str = "classification"
+    target: str = "label"
+    impute: str = "quarantine"
+    max_levels: int = 1000
 
 
 def content_hashes(rows: np.ndarray) -> np.ndarray:
@@ -162,6 +176,7 @@ def plan(source: Any, chunk_rows: int) -> tuple[SourceInfo, list[Unit]]:
         "image_folder": _plan_folder,
         "csv": _plan_csv,
         "parquet": _plan_parquet,
+        "sklearn_diabetes": _plan_diabetes,
     }[source.kind]
     return planner(source, chunk_rows)
 
@@ -175,6 +190,7 @@ def read(source: Any, info: SourceInfo, unit: Unit) -> Chunk:
         "image_folder": _read_folder,
         "csv": _read_tabular,
         "parquet": _read_tabular,
+        "sklearn_diabetes": _read_diabetes,
     }[source.kind]
     return reader(source, info, unit)
 
@@ -514,45 +530,173 @@ def _read_folder(source: ImageFolderSource, info: SourceInfo, unit: Unit) -> Chu
 
 
 # -- tabular ------------------------------------------------------------------------------------
+#
+# Every count and type a reader sizes work by is checked on the driver, while planning, against
+# what the files hold: columns and their types, header names, the number of classes. A reader
+# task then only meets row-level problems (quarantined) or a file that changed underneath it.
+
+_CSV_BLOCK = 1 << 24  # bytes scanned at a time when cutting a CSV into pieces
+
+
+def _resolve(source: CsvSource | ParquetSource) -> list[str]:
+    """The source's files (``package:`` paths resolved to the installed package's folder).
+
+    Raises:
+        SourceError: the package is not installed.
+    """
+    try:
+        return source.files()
+    except ModuleNotFoundError as e:
+        raise SourceError(f"source.package: {e}") from None
+
+
+def _arrow_kind(t: Any) -> str | None:
+    """``number``, ``text`` or None (a type no feature or label can be read from)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        return _arrow_kind(t.value_type)
+    if (
+        pa.types.is_integer(t)
+        or pa.types.is_floating(t)
+        or pa.types.is_boolean(t)
+        or pa.types.is_decimal(t)
+        or pa.types.is_null(t)
+    ):
+        return "number"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "text"
+    return None
 
 
 def _tabular_columns(
-    source: CsvSource | ParquetSource, path: str, names: list[str]
+    source: CsvSource | ParquetSource, path: str, names: list[str], types: dict | None = None
 ) -> tuple[list[str], list[str]]:
-    """Returns (numeric features, categorical features) after checking the file's columns."""
+    """Returns (numeric features, categorical features) after checking the file's columns:
+    names unique, the wanted ones present, at least one feature, and (Parquet) types that a
+    number or a category can be read from."""
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise SourceError(f"{path}: duplicate column name(s) {duplicated}")
     wanted = [source.label_column, *(source.feature_columns or []), *source.categorical_columns]
     missing = [c for c in wanted if c not in names]
     if missing:
-        raise SourceError(f"{path}: missing column(s) {missing}; the file has {names}")
-    features = source.feature_columns or [c for c in names if c != source.label_column]
+        raise SourceError(f"{path}: missing column(s) {missing}; the file has {_names(names)}")
+    features = list(source.feature_columns or [c for c in names if c != source.label_column])
     for c in source.categorical_columns:
         if c not in features:
             features.append(c)
+    if not features:
+        raise SourceError(
+            f"{path}: no feature columns (the file has only the label column "
+            f"{source.label_column!r})"
+        )
+    for c in [source.label_column, *features] if types else []:
+        if _arrow_kind(types[c]) is None:
+            raise SourceError(
+                f"{path}: column {c!r} holds {types[c]}; a feature or label must be a number "
+                "or a string"
+            )
     numeric = [c for c in features if c not in source.categorical_columns]
     return numeric, [c for c in features if c in source.categorical_columns]
+
+
+def _names(names: list[str], limit: int = 20) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}] ({len(names)} columns)"
+
+
+def _tabular_info(source: CsvSource | ParquetSource, numeric, categorical) -> SourceInfo:
+    return SourceInfo(
+        "tabular",
+        num_classes=source.num_classes,
+        feature_columns=numeric,
+        categorical_columns=categorical,
+        task=source.task,
+        target=source.label_column,
+        impute=source.impute,
+        max_levels=source.max_levels,
+    )
+
+
+def _csv_header(source: CsvSource, path: str) -> list[str]:
+    import pandas as pd
+
+    try:
+        # the names as written (read_csv's own header renames duplicates to 'x.1')
+        first = pd.read_csv(
+            path, nrows=1, header=None, dtype=str, sep=source.delimiter, keep_default_na=False
+        )
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        raise SourceError(f"{path}: cannot read a CSV header: {_first_line(e)}") from None
+    return [str(n) for n in first.iloc[0].tolist()]
+
+
+def csv_pieces(path: str, rows: int) -> tuple[int, list[tuple[int, int, int, int]]]:
+    """Cuts a CSV file into pieces of at most ``rows`` records, scanning it once in blocks.
+
+    A record ends at a newline outside double quotes (a quoted field may hold newlines; a
+    doubled quote inside one keeps the count even).
+
+    Returns:
+        (the header's length in bytes, [(first byte, end byte, first record, end record)]),
+        records counted from 0 after the header.
+    """
+    ends: list[int] = []  # the byte after each piece's last record
+    header_end = None
+    quotes = bounds_seen = offset = 0
+    last = b""
+    with open(path, "rb") as f:
+        while block := f.read(_CSV_BLOCK):
+            data = np.frombuffer(block, dtype=np.uint8)
+            quote_at = np.flatnonzero(data == ord('"'))
+            newline_at = np.flatnonzero(data == ord("\n"))
+            outside = (np.searchsorted(quote_at, newline_at) + quotes) % 2 == 0
+            bounds = newline_at[outside] + offset + 1
+            index = bounds_seen + np.arange(len(bounds))  # bound 0 ends the header
+            if header_end is None and len(bounds):
+                header_end = int(bounds[0])
+            ends.extend(int(b) for b in bounds[(index > 0) & (index % rows == 0)])
+            bounds_seen += len(bounds)
+            quotes += len(quote_at)
+            offset += len(block)
+            last = block[-1:]
+    if header_end is None:
+        return offset, []
+    records = bounds_seen - 1
+    if last != b"\n" and offset > (ends[-1] if ends else header_end) and offset > header_end:
+        records += 1  # a last record without a newline
+    if offset > (ends[-1] if ends else header_end):
+        ends.append(offset)
+    pieces, start = [], header_end
+    for j, end in enumerate(ends):
+        first = j * rows
+        pieces.append((start, end, first, min(first + rows, records)))
+        start = end
+    return header_end, [p for p in pieces if p[1] > p[0]]
 
 
 def _plan_csv(source: CsvSource, chunk_rows: int) -> tuple[SourceInfo, list[Unit]]:
     import pandas as pd
 
     numeric = categorical = None
-    for path in source.paths:
+    units = []
+    for path in _resolve(source):
         _check_file(path)
         try:
-            header = list(pd.read_csv(path, nrows=0, sep=source.delimiter).columns)
+            pd.read_csv(path, nrows=0, sep=source.delimiter)
         except (ValueError, UnicodeDecodeError, OSError) as e:
-            raise SourceError(f"{path}: cannot read a CSV header: {e}") from None
-        this = _tabular_columns(source, path, header)
+            raise SourceError(f"{path}: cannot read a CSV header: {_first_line(e)}") from None
+        this = _tabular_columns(source, path, _csv_header(source, path))
         if numeric is not None and this != (numeric, categorical):
             raise SourceError(f"{path}: columns {this} differ from the first file's")
         numeric, categorical = this
-    info = SourceInfo(
-        "tabular",
-        num_classes=source.num_classes,
-        feature_columns=numeric,
-        categorical_columns=categorical,
-    )
-    return info, [Unit([p]) for p in source.paths]
+        header_end, pieces = csv_pieces(path, chunk_rows)
+        units += [
+            Unit([path], first, end_record, byte_range=(lo, hi), header_bytes=header_end)
+            for lo, hi, first, end_record in pieces
+        ]
+    return _tabular_info(source, numeric, categorical), units
 
 
 def _plan_parquet(source: ParquetSource, chunk_rows: int) -> tuple[SourceInfo, list[Unit]]:
@@ -560,13 +704,15 @@ def _plan_parquet(source: ParquetSource, chunk_rows: int) -> tuple[SourceInfo, l
 
     numeric = categorical = None
     units = []
-    for path in source.paths:
+    for path in _resolve(source):
         _check_file(path)
         try:
-            meta = pq.ParquetFile(path).metadata
+            file = pq.ParquetFile(path)
+            meta, schema = file.metadata, file.schema_arrow
         except Exception as e:  # pyarrow raises several types for a non-Parquet file
-            raise SourceError(f"{path}: not a readable Parquet file: {e}") from None
-        this = _tabular_columns(source, path, meta.schema.to_arrow_schema().names)
+            raise SourceError(f"{path}: not a readable Parquet file: {_first_line(e)}") from None
+        types = {f.name: f.type for f in schema}
+        this = _tabular_columns(source, path, schema.names, types)
         if numeric is not None and this != (numeric, categorical):
             raise SourceError(f"{path}: columns {this} differ from the first file's")
         numeric, categorical = this
@@ -575,120 +721,158 @@ def _plan_parquet(source: ParquetSource, chunk_rows: int) -> tuple[SourceInfo, l
             n = meta.row_group(g).num_rows
             units.append(Unit([path], start, start + n, row_group=g))
             start += n
+    return _tabular_info(source, numeric, categorical), units
+
+
+_DIABETES = ("age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6")
+
+
+def _plan_diabetes(source: SklearnDiabetesSource, chunk_rows: int) -> tuple[SourceInfo, list]:
     info = SourceInfo(
-        "tabular",
-        num_classes=source.num_classes,
-        feature_columns=numeric,
-        categorical_columns=categorical,
+        "tabular", feature_columns=list(_DIABETES), task="regression", target="progression"
     )
-    return info, units
+    return info, [Unit(["sklearn_diabetes"], s, e) for s, e in _ranges(442, chunk_rows)]
 
 
-def _parse_numeric(values: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Parses a column into float64; returns (values, reason per row or '' when fine)."""
-    import pandas as pd
+def _read_diabetes(source: SklearnDiabetesSource, info: SourceInfo, unit: Unit) -> Chunk:
     import pyarrow as pa
-    import pyarrow.compute as pc
+    from sklearn.datasets import load_diabetes
 
-    if isinstance(values, pa.ChunkedArray) and (
-        pa.types.is_integer(values.type)
-        or pa.types.is_floating(values.type)
-        or pa.types.is_boolean(values.type)
-        or pa.types.is_decimal(values.type)
-    ):
-        missing = pc.is_null(values).to_numpy(zero_copy_only=False)
-        out = pc.cast(values, pa.float64()).fill_null(0.0).to_numpy(zero_copy_only=False)
-        reason = np.full(len(out), "", dtype=object)
-        reason[np.isnan(out)] = "nan"
-        reason[np.isinf(out)] = "inf"
-        reason[missing] = "missing_value"
-        return np.where(reason == "", out, 0.0), reason
-    if isinstance(values, pa.ChunkedArray):
-        if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
-            values = pc.cast(values, pa.string())
-        text = pd.Series(values.to_pylist(), dtype=object)
-    else:
-        text = values
-    missing_null = text.isna().to_numpy()
-    text = text.fillna("").astype(str).str.strip()
-    lower = text.str.lower()
-    out = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64)
-    reason = np.full(len(out), "", dtype=object)
-    reason[np.isnan(out) & lower.isin(["nan", "+nan", "-nan"]).to_numpy()] = "nan"
-    reason[np.isnan(out) & (reason == "")] = "non_numeric"
-    reason[np.isinf(out)] = "inf"
-    reason[lower.isin(_MISSING_STRINGS).to_numpy() | missing_null] = "missing_value"
-    return np.where(reason == "", out, 0.0), reason
+    data = load_diabetes(scaled=False)
+    x, y = data.data[unit.start : unit.stop], data.target[unit.start : unit.stop]
+    columns = {name: pa.chunked_array([x[:, j]]) for j, name in enumerate(_DIABETES)}
+    columns["progression"] = pa.chunked_array([y])
+    return _table_chunk(info, columns, "sklearn_diabetes", unit.start, 0)
 
 
-def _parse_labels(values: Any, num_classes: int | None) -> tuple[np.ndarray, np.ndarray]:
-    nums, reason = _parse_numeric(values)
+def _parse_labels(values: Any, info: SourceInfo) -> tuple[np.ndarray, np.ndarray, float]:
+    """Class ids (int64) or regression targets (float64), a reason per bad row, and the
+    exclusive upper bound class ids were checked against (inf for a regression)."""
+    nums, reason = parse_numeric(values)
     reason = np.where(reason == "missing_value", "label_missing", reason)
     reason = np.where(np.isin(reason, ["nan", "inf", "non_numeric"]), "label_invalid", reason)
+    if info.task == "regression":
+        return np.where(reason == "", nums, 0.0), reason, np.inf
     whole = nums == np.rint(nums)
     reason = np.where((reason == "") & ~whole, "label_invalid", reason)
-    high = np.inf if num_classes is None else num_classes
+    # Without num_classes the count is inferred from the largest label: bounded, so that one
+    # huge label cannot size the work after it (class lists, the split's strata).
+    high = info.num_classes or MAX_CLASSES
     out = (nums < 0) | (nums >= high)
     reason = np.where((reason == "") & out, "label_out_of_range", reason)
-    return np.where(reason == "", nums, 0).astype(np.int64), reason
+    return np.where(reason == "", nums, 0).astype(np.int64), reason, high
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    """An error's message as one bounded line (pandas' parser errors span several)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _read_tabular(source: CsvSource | ParquetSource, info: SourceInfo, unit: Unit) -> Chunk:
-    import pandas as pd
-    import pyarrow as pa
-
     path = unit.paths[0]
     if source.kind == "csv":
-        try:
-            df = pd.read_csv(
-                path, dtype=str, keep_default_na=False, na_filter=False, sep=source.delimiter
-            )
-        except (ValueError, UnicodeDecodeError, OSError) as e:
-            raise SourceError(f"{path}: cannot parse CSV: {e}") from None
-        columns = {c: df[c] for c in df.columns}
-        first_row = 2  # 1-based line numbers after the header
-        base = 0
-    else:
-        import pyarrow.parquet as pq
+        columns = _read_csv_piece(source, unit)
+        return _table_chunk(info, columns, path, unit.start, 2)  # line numbers after the header
+    import pyarrow.parquet as pq
 
-        table = pq.ParquetFile(path).read_row_group(unit.row_group)
-        columns = {c: table.column(c) for c in table.column_names}
-        first_row = 0
-        base = unit.start
+    wanted = [info.target, *info.feature_columns, *info.categorical_columns]
+    try:
+        table = pq.ParquetFile(path).read_row_group(unit.row_group, columns=wanted)
+    except Exception as e:  # the file changed since it was planned
+        message = f"{path}: cannot read row group {unit.row_group}: {_first_line(e)}"
+        raise SourceError(message) from None
+    columns = {c: table.column(c) for c in table.column_names}
+    return _table_chunk(info, columns, path, unit.start, 0)
+
+
+def _read_csv_piece(source: CsvSource, unit: Unit) -> dict[str, Any]:
+    """The columns of one piece of a CSV file (its header, then its byte range), as text."""
+    import io
+    import re
+
+    import pandas as pd
+
+    path = unit.paths[0]
+    lo, hi = unit.byte_range
+    with open(path, "rb") as f:
+        header = f.read(unit.header_bytes)
+        f.seek(lo)
+        body = f.read(hi - lo)
+    try:
+        df = pd.read_csv(
+            io.BytesIO(header + body),
+            dtype=str,
+            keep_default_na=False,
+            na_filter=False,
+            sep=source.delimiter,
+        )
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        # the parser counts lines from this piece's header: name the file's own line
+        message = re.sub(
+            r"line (\d+)", lambda m: f"line {int(m.group(1)) + unit.start}", _first_line(e)
+        )
+        raise SourceError(f"{path}: cannot parse CSV: {message}") from None
+    return {c: df[c] for c in df.columns}
+
+
+def _table_chunk(
+    info: SourceInfo, columns: dict[str, Any], path: str, base: int, first_row: int
+) -> Chunk:
+    """Checks and parses the rows of one unit of a table: bad rows become rejects; missing
+    numeric values become NaN where the source imputes (filled once the train split's median or
+    mode is known); categories become text (None when missing)."""
+    import pyarrow as pa
+
+    target = info.target
     n = len(next(iter(columns.values()))) if columns else 0
-    labels, reason = _parse_labels(columns[source.label_column], source.num_classes)
+    labels, reason, high = _parse_labels(columns[target], info)
     # the first failing column of each row, the label first, then features in order
-    bad_column = np.where(reason != "", source.label_column, "").astype(object)
+    bad_column = np.where(reason != "", target, "").astype(object)
     parsed = {}
     for col in info.feature_columns:
-        vals, why = _parse_numeric(columns[col])
+        vals, why = parse_numeric(columns[col])
+        if info.impute != "quarantine":
+            fillable = np.isin(why, MISSING_REASONS)
+            vals[fillable], why[fillable] = np.nan, ""
         fresh = (reason == "") & (why != "")
         reason[fresh] = why[fresh]
         bad_column[fresh] = col
         parsed[col] = vals
+    categories = {c: category_text(columns[c]) for c in info.categorical_columns}
+    for c, values in categories.items():
+        distinct = len(set(values) - {None})
+        if distinct > info.max_levels:
+            raise SourceError(
+                f"{path}: categorical column {c!r} has more than {info.max_levels} distinct "
+                f"values ({distinct} in rows {base + first_row}..{base + first_row + n - 1}), "
+                "more than source.max_levels: an identifier is not a category (leave it out "
+                "of the features) or raise max_levels"
+            )
     rejects = []
     for i in np.flatnonzero(reason != ""):
         col = bad_column[i]
-        raw, raw_label = columns[col][i], columns[source.label_column][i]
-        raw = raw.as_py() if hasattr(raw, "as_py") else raw
-        raw_label = raw_label.as_py() if hasattr(raw_label, "as_py") else raw_label
-        label = None if raw_label is None or raw_label == "" else str(raw_label)
-        detail = f"column {col!r}: {raw!r}"
+        raw, raw_label = _cell(columns[col], i), _cell(columns[target], i)
+        label = None if raw_label is None or raw_label == "" else str(raw_label)[:200]
+        detail = f"column {col!r}: {quote(raw)}"
+        if reason[i] == "label_out_of_range":
+            detail += f" not in [0, {high})" + ("" if info.num_classes else " (num_classes)")
         rejects.append(Reject(path, int(base + i + first_row), reason[i], detail, label))
     keep = np.flatnonzero(reason == "")
     arrays = {c: pa.array(parsed[c][keep], pa.float64()) for c in info.feature_columns}
     for c in info.categorical_columns:
-        col = columns[c]
-        col = col.to_pylist() if hasattr(col, "to_pylist") else list(col)
-        arrays[c] = pa.array([None if col[i] is None else str(col[i]) for i in keep], pa.string())
-    table = pa.table(arrays)
+        arrays[c] = pa.array([categories[c][i] for i in keep], pa.string())
+    table = pa.table(arrays) if arrays else pa.table({})
     hashes = np.empty(len(keep), dtype="S16")
     numeric = (
         np.stack([parsed[c][keep] for c in info.feature_columns], axis=1)
         if info.feature_columns
         else np.zeros((len(keep), 0))
     )
-    cats = [table.column(c).to_pylist() for c in info.categorical_columns]
+    cats = [[categories[c][i] for i in keep] for c in info.categorical_columns]
+    if info.task == "regression":
+        # The same features with another outcome are two observations, not one row twice.
+        numeric = np.concatenate([numeric, labels[keep, None].astype(np.float64)], axis=1)
     for j in range(len(keep)):
         h = hashlib.blake2b(numeric[j].tobytes(), digest_size=16)
         for col in cats:
@@ -705,3 +889,8 @@ def _read_tabular(source: CsvSource | ParquetSource, info: SourceInfo, unit: Uni
         data=table,
         rejects=rejects,
     )
+
+
+def _cell(column: Any, i: int) -> Any:
+    value = column[i] if not hasattr(column, "iloc") else column.iloc[i]
+    return value.as_py() if hasattr(value, "as_py") else value

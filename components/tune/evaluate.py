@@ -101,20 +101,22 @@ class EvaluateConfig(StrictModel):
     def _metric(cls, value: str | None) -> str | None:
         return value if value is None else _known_metric(value)
 
-    def resolved(self, trainable: Trainable) -> EvaluateConfig:
-        """This config with the metric and mode filled in for a candidate of ``trainable``.
+    def resolved(self, trainable: Trainable, bundle: Any = None) -> EvaluateConfig:
+        """This config with the metric and mode filled in for a candidate of ``trainable``
+        (``bundle``: the candidate's, where the family scores its models differently).
 
         Raises:
             ValueError: a metric or threshold the candidate is not scored on.
         """
-        metric = self.metric or next(iter(trainable.test_metrics))
+        scored = trainable.test_metrics if bundle is None else trainable.test_metrics_of(bundle)
+        metric = self.metric or next(iter(scored))
         for name in [metric, *self.min, *self.max]:
-            if name not in trainable.test_metrics:
+            if name not in scored:
                 raise ValueError(
                     f"a {trainable.component} model is not scored on {name}; it is on: "
-                    + ", ".join(trainable.test_metrics)
+                    + ", ".join(scored)
                 )
-        mode = self.mode or trainable.test_metrics[metric]
+        mode = self.mode or scored[metric]
         return self.model_copy(update={"metric": metric, "mode": mode})
 
     @field_validator("min", "max")
@@ -339,7 +341,7 @@ class TuneEvaluate(Component):
     def run(self, ctx: StageContext, config: EvaluateConfig) -> dict[str, Any]:
         candidate, bundle = _candidate(ctx, config)
         trainable = registry.trainable(bundle.component)
-        config = config.resolved(trainable)
+        config = config.resolved(trainable, bundle)
         settings = ScoreSettings(episodes=config.episodes, seed=config.seed)
         metrics = trainable.score(bundle, ctx, settings)
         if config.register_as is None:

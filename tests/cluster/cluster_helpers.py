@@ -87,6 +87,14 @@ DATA = ["prepare.augment.copies=0"]
 CLASSIFIER = ["classifier.epochs=1", "classifier.width=4", "classifier.resources.workers=1"]
 SEARCH = ["search.samples=1", "search.train.epochs=1", "search.train.width=4"]
 GENERATIVE = ["vae.epochs=1", "vae.width=4", "gan.epochs=1", "gan.width=4"]
+TABULAR = [
+    "mlp.epochs=1",
+    "mlp.widths=[8]",
+    "mlp_search.samples=1",
+    "mlp_search.train.epochs=1",
+    "mlp_search.grace_period=1",
+    "mlp_gate.max={}",  # a model of one epoch need not pass the shipped threshold
+]
 #: Overrides that shrink each shipped pipeline (pipelines/*.yaml) to seconds of training.
 SHRINK = {
     "ddpg.yaml": RL,
@@ -95,6 +103,7 @@ SHRINK = {
     "retrain.yaml": DATA + CLASSIFIER,
     "generative.yaml": DATA + CLASSIFIER + GENERATIVE,
     "search.yaml": DATA + SEARCH + ["search.grace_period=1"],
+    "tabular.yaml": TABULAR,
     "demo.yaml": DATA + CLASSIFIER + RL + GENERATIVE + SEARCH,
 }
 

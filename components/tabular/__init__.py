@@ -1,0 +1,1 @@
+"""The tabular family: an MLP on a prepared table (``uses: tabular.mlp``)."""

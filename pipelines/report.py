@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipelines.guards import block
 from pipelines.record import RUN_FILE, RunRecord, StageEntry, load_record
 from pipelines.store import Store
 
@@ -141,10 +142,7 @@ def _stage_section(name: str, st: StageEntry, store: Store) -> str:
 
 
 def _local(artifact: str | None, store: Store) -> Path | None:
-    if not artifact or not store.is_local:
-        return None
-    path = Path(artifact)
-    return path if path.is_dir() else None
+    return store.local_artifact(artifact) if artifact else None
 
 
 def _accounting(dataset: dict[str, Any]) -> str:
@@ -219,7 +217,8 @@ def _figure(fig) -> str:
 
 
 def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+    """A value as report text: bounded and redacted (guards.block), then escaped."""
+    return html.escape(block(value), quote=True)
 
 
 __all__ = ["REPORT_FILE", "RUN_FILE", "render", "write_report"]

@@ -12,6 +12,10 @@ from pydantic import Field, model_validator
 
 from components.api import StrictModel
 
+#: Classes a dataset may have: the split, the confusion matrix (classes squared) and the models'
+#: output layers hold per-class arrays.
+MAX_CLASSES = 10_000
+
 CIFAR10_CLASSES = (
     "airplane",
     "automobile",
@@ -45,7 +49,7 @@ class MnistIdxSource(StrictModel):
     kind: Literal["mnist_idx"]
     images: list[str] = Field(min_length=1)
     labels: list[str] = Field(min_length=1)
-    num_classes: int = Field(10, ge=1)
+    num_classes: int = Field(10, ge=1, le=MAX_CLASSES)
     class_names: list[str] | None = None
 
     @model_validator(mode="after")
@@ -113,7 +117,7 @@ class _TabularSource(StrictModel):
     label_column: str = "label"
     feature_columns: list[str] | None = None
     categorical_columns: list[str] = []
-    num_classes: int | None = Field(None, ge=1)
+    num_classes: int | None = Field(None, ge=1, le=MAX_CLASSES)
 
 
 class CsvSource(_TabularSource):
@@ -171,9 +175,11 @@ class AugmentConfig(StrictModel):
         shift: maximum translation as a fraction of the width/height.
         zoom: maximum relative zoom (scale uniform in [1 - zoom, 1 + zoom]).
         shear: maximum shear in degrees.
-        noise: standard deviation of Gaussian pixel noise, on the [0, 1] pixel scale.
+        noise: standard deviation of Gaussian pixel noise, on the [0, 1] pixel scale (at most
+            1: more is noise alone).
         jitter: standard deviation of Gaussian noise added to normalized numeric tabular
-            features; tabular copies are made only when it is positive.
+            features (at most 100, so float32 features stay finite); tabular copies are made
+            only when it is positive.
         seed: seeds every row's draw, together with the row's id and copy number.
     """
 
@@ -183,8 +189,8 @@ class AugmentConfig(StrictModel):
     shift: float = Field(0.0, ge=0.0, lt=1.0)
     zoom: float = Field(0.0, ge=0.0, lt=1.0)
     shear: float = Field(0.0, ge=0.0, lt=90.0)
-    noise: float = Field(0.0, ge=0.0)
-    jitter: float = Field(0.0, ge=0.0)
+    noise: float = Field(0.0, ge=0.0, le=1.0)
+    jitter: float = Field(0.0, ge=0.0, le=100.0)
     seed: int = 0
 
 

@@ -49,3 +49,30 @@ def artifact_checksums(artifact: str | Path, skip: tuple[str, ...] = ()) -> dict
     """{file: sha256} of a published artifact, from its manifest (verified separately)."""
     manifest = json.loads((Path(artifact) / "manifest.json").read_text())
     return {rel: m["sha256"] for rel, m in manifest["files"].items() if rel not in skip}
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    """Runs the `raypipe` CLI in this process (typer's CliRunner); returns its exit code and
+    its output (stdout and stderr together). An exception that escaped the CLI fails the test:
+    the CLI must turn every one into a line of its own."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    escaped = result.exception
+    assert escaped is None or isinstance(escaped, SystemExit), repr(escaped)
+    return result.exit_code, result.output
+
+
+def assert_one_line_error(code: int, output: str, *words: str, exit_code: int = 2) -> str:
+    """Checks a CLI failure: ``exit_code``, a single ``error:`` line holding ``words``, no
+    traceback; returns the line."""
+    lines = output.strip().splitlines()
+    assert code == exit_code, (code, output[-3000:])
+    assert "Traceback" not in output, output[-3000:]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, output[-3000:]
+    for word in words:
+        assert word in errors[0], (word, errors[0])
+    return errors[0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import secrets
 import sys
 import tempfile
 import traceback
@@ -41,6 +42,10 @@ class GuardedGroup(TyperGroup):
     """
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        given = args[0] if args else kwargs.get("args")
+        #: The command's own arguments, for the log of an error (not sys.argv: the command may
+        #: be run inside another program, a test's CliRunner).
+        self.argv = [str(a) for a in (sys.argv[1:] if given is None else given)]
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
@@ -66,29 +71,29 @@ class GuardedGroup(TyperGroup):
         except InputError as e:
             raise _fail(str(e)) from None
         except Exception as e:  # noqa: BLE001 - the one place that sees every failure
-            raise _unexpected(e) from None
+            raise _unexpected(e, getattr(self, "argv", sys.argv[1:])) from None
 
 
-def _unexpected(error: Exception) -> typer.Exit:
+def _unexpected(error: Exception, argv: list[str]) -> typer.Exit:
     """Writes ``error``'s traceback to a log file; returns the exit that names it."""
-    where = _write_log(error)
+    where = _write_log(error, argv)
     shown = f"{type(error).__name__}: {error}"
     if isinstance(error, OSError):
         return _fail(f"{shown} ({where})")
     return _fail(f"internal error (a bug in raypipe): {shown} ({where})", code=3)
 
 
-def _write_log(error: Exception) -> str:
-    """Writes the command line and ``error``'s traceback (redacted) to a new log file;
-    returns where it is, in words."""
+def _write_log(error: Exception, argv: list[str]) -> str:
+    """Writes the command line (``raypipe ARGV``) and ``error``'s traceback, redacted, to a
+    new log file; returns where it is, in words."""
     folder = Path(os.environ.get("RAYPIPE_LOG_DIR") or Path(tempfile.gettempdir()) / "raypipe-logs")
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
-    path = folder / f"error-{stamp}-{os.getpid()}.log"
+    path = folder / f"error-{stamp}-{os.getpid()}-{secrets.token_hex(3)}.log"
     text = "".join(traceback.format_exception(error))
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         with open(path, "x") as f:
-            f.write(f"raypipe {redact(' '.join(sys.argv[1:]))}\n")
+            f.write(f"raypipe {redact(' '.join(argv))}\n")
             f.write(block(text, MAX_LOG_CHARS))
     except OSError as e:
         return f"its traceback could not be written to {path}: {e.strerror}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from components.api import StrictModel
 
@@ -109,8 +109,8 @@ class _TabularSource(StrictModel):
         feature_columns: feature columns (default: every column but the label).
         categorical_columns: features kept as strings, neither normalized nor jittered; every
             other feature must be numeric.
-        num_classes: labels must lie in ``[0, num_classes)``; default: non-negative labels,
-            ``num_classes`` = largest label + 1.
+        num_classes: labels must lie in ``[0, num_classes)``; default: labels in
+            ``[0, MAX_CLASSES)``, ``num_classes`` = largest label + 1.
     """
 
     paths: list[str] = Field(min_length=1)
@@ -125,6 +125,15 @@ class CsvSource(_TabularSource):
 
     kind: Literal["csv"]
     delimiter: str = ","
+
+    @field_validator("delimiter")
+    @classmethod
+    def _one_character(cls, delimiter: str) -> str:
+        # pandas reads longer separators as regular expressions and an empty one as an error
+        # of its own; a line break or a quote would split rows or fields wrongly.
+        if len(delimiter) != 1 or delimiter in '\r\n"':
+            raise ValueError("a delimiter is one character, not a line break or a quote")
+        return delimiter
 
 
 class ParquetSource(_TabularSource):

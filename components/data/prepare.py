@@ -142,7 +142,7 @@ def prepare(
     if len(rows["label"]) == 0:
         raise RejectedRowsError(f"data.prepare: no rows left of {rows_in} input rows")
     num_classes = info.num_classes or int(rows["label"].max()) + 1
-    split_of = _split(rows["label"], first, inverse, num_classes, config)
+    split_of = _split(rows["label"], first, inverse, config)
 
     phases["dedup_split"] = time.time() - started - sum(phases.values())
     # 3. statistics over the train originals ----------------------------------------------------
@@ -433,7 +433,7 @@ def _check_rejected(
     )
 
 
-def _split(labels: Any, first: Any, inverse: Any, num_classes: int, config: PrepareConfig) -> Any:
+def _split(labels: Any, first: Any, inverse: Any, config: PrepareConfig) -> Any:
     """Assigns 0 (train), 1 (val) or 2 (test) to every row, stratified by label.
 
     The draw is over distinct contents (``first``: a representative row of each group), and
@@ -443,10 +443,9 @@ def _split(labels: Any, first: Any, inverse: Any, num_classes: int, config: Prep
 
     group_split = np.zeros(len(first), dtype=np.int8)
     group_label = labels[first]
-    for label in range(num_classes):
+    # The labels present, not range(num_classes): work follows the rows, never a number.
+    for label in np.unique(group_label).tolist():
         members = np.flatnonzero(group_label == label)
-        if len(members) == 0:
-            continue
         rng = np.random.default_rng([config.split.seed, label])
         members = members[rng.permutation(len(members))]
         n_test = int(round(config.split.test * len(members)))

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from components.data.config import (
+    MAX_CLASSES,
     Cifar10BinarySource,
     CsvSource,
     ImageFolderSource,
@@ -30,6 +31,14 @@ from components.data.config import (
     ParquetSource,
     SklearnDigitsSource,
 )
+from pipelines.guards import quote
+
+#: Records an IDX file may declare beyond those it holds: a file cut short loses a few (each
+#: quarantined as truncated); a header declaring billions in a small file is refused, so no
+#: loop or task list grows with a number the file states but does not hold.
+MAX_MISSING_RECORDS = 10_000
+#: What a gzip stream can expand to per compressed byte (deflate's limit is about 1032).
+GZIP_MAX_RATIO = 1100
 
 #: Every reason a row can be quarantined for, in the order reports list them.
 REASONS = (
@@ -299,11 +308,26 @@ def _read_records(path: str, offset: int, record: int, start: int, stop: int) ->
     return b"".join(parts)
 
 
+def _check_declared(path: str, header: int, declared: int, record: int) -> None:
+    """Refuses an IDX header that declares far more records than its file can hold."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    most = size * GZIP_MAX_RATIO if gz else max(size - header, 0)
+    held = most // max(record, 1)
+    if declared > held + MAX_MISSING_RECORDS:
+        bound = "at most " if gz else ""
+        raise SourceError(
+            f"{path}: the header declares {declared:,} records of {record:,} bytes; the file "
+            f"({size:,} bytes) holds {bound}{held:,}"
+        )
+
+
 def _plan_idx(source: MnistIdxSource, chunk_rows: int) -> tuple[SourceInfo, list[Unit]]:
     shape = None
     units = []
     for img_path, lbl_path in zip(source.images, source.labels, strict=True):
-        dtype, dims, _ = _idx_header(img_path)
+        dtype, dims, header = _idx_header(img_path)
         if dtype != "u1" or len(dims) not in (3, 4):
             raise SourceError(
                 f"{img_path}: IDX images must be unsigned bytes of shape (N, H, W) or "
@@ -316,12 +340,14 @@ def _plan_idx(source: MnistIdxSource, chunk_rows: int) -> tuple[SourceInfo, list
         if shape is not None and this != shape:
             raise SourceError(f"{img_path}: image shape {this} differs from {shape}")
         shape = this
-        ldtype, ldims, _ = _idx_header(lbl_path)
+        ldtype, ldims, lheader = _idx_header(lbl_path)
         if ldtype != "u1" or len(ldims) != 1:
             raise SourceError(
                 f"{lbl_path}: IDX labels must be unsigned bytes of shape (N,); "
                 f"got dtype {ldtype} and shape {ldims}"
             )
+        _check_declared(img_path, header, dims[0], c * dims[1] * dims[2])
+        _check_declared(lbl_path, lheader, ldims[0], 1)
         units += [Unit([img_path, lbl_path], s, e) for s, e in _ranges(dims[0], chunk_rows)]
     names = source.class_names or [str(i) for i in range(source.num_classes)]
     info = SourceInfo("image", shape, 255.0, source.num_classes, names)
@@ -520,11 +546,21 @@ def _tabular_columns(
     source: CsvSource | ParquetSource, path: str, names: list[str]
 ) -> tuple[list[str], list[str]]:
     """Returns (numeric features, categorical features) after checking the file's columns."""
+    seen: set[str] = set()
+    twice = sorted({c for c in names if c in seen or seen.add(c)})
+    if twice:
+        raise SourceError(f"{path}: duplicate column name(s) {_listed(twice)}")
     wanted = [source.label_column, *(source.feature_columns or []), *source.categorical_columns]
     missing = [c for c in wanted if c not in names]
     if missing:
-        raise SourceError(f"{path}: missing column(s) {missing}; the file has {names}")
+        raise SourceError(
+            f"{path}: missing column(s) {_listed(missing)}; the file has {_listed(names)}"
+        )
     features = source.feature_columns or [c for c in names if c != source.label_column]
+    if not features:
+        raise SourceError(
+            f"{path}: no feature columns (only the label column {quote(source.label_column)})"
+        )
     for c in source.categorical_columns:
         if c not in features:
             features.append(c)
@@ -532,17 +568,49 @@ def _tabular_columns(
     return numeric, [c for c in features if c in source.categorical_columns]
 
 
-def _plan_csv(source: CsvSource, chunk_rows: int) -> tuple[SourceInfo, list[Unit]]:
+def _listed(names: list[str]) -> str:
+    """Column names in a message: each quoted, at most 20 of them."""
+    shown = ", ".join(quote(n, 40) for n in names[:20])
+    return shown + (f" and {len(names) - 20:,} more" if len(names) > 20 else "")
+
+
+def _csv_header(path: str, delimiter: str) -> list[str]:
+    """The column names of a CSV file as pandas reads them, after checking that no name is
+    given twice (pandas would rename the second ``a`` to ``a.1``)."""
     import pandas as pd
 
+    try:
+        raw = pd.read_csv(path, nrows=1, header=None, sep=delimiter, dtype=str)
+        header = list(pd.read_csv(path, nrows=0, sep=delimiter).columns)
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        raise SourceError(f"{path}: cannot read a CSV header: {e}") from None
+    given = [name for name in raw.iloc[0] if isinstance(name, str)] if len(raw) else []
+    seen: set[str] = set()
+    twice = sorted({n for n in given if n in seen or seen.add(n)})
+    if twice:
+        raise SourceError(f"{path}: duplicate column name(s) {_listed(twice)}")
+    return header
+
+
+def _check_types(path: str, schema: Any, columns: list[str]) -> None:
+    """Refuses Parquet columns that hold no scalar values (lists, structs, maps) or raw bytes:
+    a cell of a feature or a label is one number or one string."""
+    import pyarrow as pa
+
+    for name in columns:
+        kind = schema.field(name).type
+        if pa.types.is_nested(kind) or pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+            raise SourceError(
+                f"{path}: column {quote(name, 40)} holds {kind}; features and labels are "
+                "numbers or strings"
+            )
+
+
+def _plan_csv(source: CsvSource, chunk_rows: int) -> tuple[SourceInfo, list[Unit]]:
     numeric = categorical = None
     for path in source.paths:
         _check_file(path)
-        try:
-            header = list(pd.read_csv(path, nrows=0, sep=source.delimiter).columns)
-        except (ValueError, UnicodeDecodeError, OSError) as e:
-            raise SourceError(f"{path}: cannot read a CSV header: {e}") from None
-        this = _tabular_columns(source, path, header)
+        this = _tabular_columns(source, path, _csv_header(path, source.delimiter))
         if numeric is not None and this != (numeric, categorical):
             raise SourceError(f"{path}: columns {this} differ from the first file's")
         numeric, categorical = this
@@ -566,7 +634,9 @@ def _plan_parquet(source: ParquetSource, chunk_rows: int) -> tuple[SourceInfo, l
             meta = pq.ParquetFile(path).metadata
         except Exception as e:  # pyarrow raises several types for a non-Parquet file
             raise SourceError(f"{path}: not a readable Parquet file: {e}") from None
-        this = _tabular_columns(source, path, meta.schema.to_arrow_schema().names)
+        schema = meta.schema.to_arrow_schema()
+        this = _tabular_columns(source, path, schema.names)
+        _check_types(path, schema, [source.label_column, *this[0], *this[1]])
         if numeric is not None and this != (numeric, categorical):
             raise SourceError(f"{path}: columns {this} differ from the first file's")
         numeric, categorical = this
@@ -627,7 +697,9 @@ def _parse_labels(values: Any, num_classes: int | None) -> tuple[np.ndarray, np.
     reason = np.where(np.isin(reason, ["nan", "inf", "non_numeric"]), "label_invalid", reason)
     whole = nums == np.rint(nums)
     reason = np.where((reason == "") & ~whole, "label_invalid", reason)
-    high = np.inf if num_classes is None else num_classes
+    # Without num_classes, labels are bounded all the same: the split, the confusion matrix and
+    # the models' outputs hold one entry per class.
+    high = MAX_CLASSES if num_classes is None else num_classes
     out = (nums < 0) | (nums >= high)
     reason = np.where((reason == "") & out, "label_out_of_range", reason)
     return np.where(reason == "", nums, 0).astype(np.int64), reason
@@ -673,7 +745,7 @@ def _read_tabular(source: CsvSource | ParquetSource, info: SourceInfo, unit: Uni
         raw = raw.as_py() if hasattr(raw, "as_py") else raw
         raw_label = raw_label.as_py() if hasattr(raw_label, "as_py") else raw_label
         label = None if raw_label is None or raw_label == "" else str(raw_label)
-        detail = f"column {col!r}: {raw!r}"
+        detail = f"column {quote(col, 40)}: {quote(raw)}"  # a cell may hold megabytes
         rejects.append(Reject(path, int(base + i + first_row), reason[i], detail, label))
     keep = np.flatnonzero(reason == "")
     arrays = {c: pa.array(parsed[c][keep], pa.float64()) for c in info.feature_columns}

@@ -164,3 +164,20 @@ def test_resume_refuses_a_record_that_disagrees_with_its_pipeline(tmp_path):
     store.write_run_file("r1", PIPELINE_FILE, "name: x\nstages: {a: {uses: test.sleep}\n")
     code, output = invoke("resume", "r1", "--storage", store.root)
     assert_one_line_error(code, output, f"runs/r1/{PIPELINE_FILE}: stages: invalid YAML at line")
+
+
+def test_an_os_error_is_one_line_naming_the_log_that_holds_its_traceback(tmp_path, monkeypatch):
+    """An error that is not raypipe's own account of bad input (here the OS refusing to write
+    the report over a folder of its name) is one line naming a log file; the log holds the
+    command and the whole traceback."""
+    store = tmp_path / "store"
+    plant(store, "r1", json.dumps(good_record("r1")).encode())
+    (store / "runs" / "r1" / "report.html").mkdir()
+    monkeypatch.setenv("RAYPIPE_LOG_DIR", str(tmp_path / "logs"))
+    code, output = invoke("report", "r1", "--storage", str(store))
+    line = assert_one_line_error(code, output, "IsADirectoryError", "report.html", "traceback in")
+    [log] = (tmp_path / "logs").iterdir()
+    assert line.endswith(f"(traceback in {log})"), line
+    text = log.read_text()
+    assert text.startswith(f"raypipe report r1 --storage {store}\n"), text[:200]
+    assert "Traceback (most recent call last)" in text and "IsADirectoryError" in text

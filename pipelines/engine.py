@@ -514,7 +514,7 @@ class Runner:
 
     def _unplaceable(self, name: str) -> str | None:
         """Why a stage's workers can never be placed, or None. Stages wait for resources that
-        other stages hold (``training.RESOURCE_WAIT_S``); on the embedded Ray this run started,
+        other stages hold (``training.resource_wait_s``); on the embedded Ray this run started,
         whose size is fixed, a stage asking for more CPUs than it has would wait for ever."""
         self._ensure_ray()
         if not self._started_ray or self.address:

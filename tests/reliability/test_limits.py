@@ -286,3 +286,21 @@ def test_yaml_11_booleans_are_names(tmp_path):
     assert json.loads(json.dumps(spec.parse_yaml("a: [yes, on, y]", "s"))) == {
         "a": ["yes", "on", "y"]
     }
+
+
+def test_the_resource_wait_from_the_environment_is_checked(monkeypatch):
+    """RAYPIPE_RESOURCE_WAIT_S is a number from the outside like any other: a word, NaN, an
+    infinity, zero or a negative is refused naming the variable, not passed on to Ray Train."""
+    from components import training
+
+    monkeypatch.delenv("RAYPIPE_RESOURCE_WAIT_S", raising=False)
+    assert training.resource_wait_s() == training.RESOURCE_WAIT_S
+    monkeypatch.setenv("RAYPIPE_RESOURCE_WAIT_S", "30")
+    assert training.resource_wait_s() == 30.0
+    for bad in ("abc", "nan", "inf", "-inf", "0", "-5", "", "1" * 400):
+        monkeypatch.setenv("RAYPIPE_RESOURCE_WAIT_S", bad)
+        with pytest.raises(
+            ValueError, match="^RAYPIPE_RESOURCE_WAIT_S=.*: a number of seconds"
+        ) as e:
+            training.resource_wait_s()
+        assert len(str(e.value)) < 200

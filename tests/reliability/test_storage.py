@@ -85,13 +85,21 @@ def test_storage_that_cannot_be_written_fails_before_the_run_writes(tmp_path, re
         "an_unreachable_endpoint": (s3, "cannot write here:"),
         "a_file_below_a_file": (str(afile / "runs"), "cannot write here: Not a directory"),
         "runs_on_an_unreachable_endpoint": (s3, "cannot list runs:"),
+        # The run's record on that endpoint, for the commands that read it (credentials
+        # never printed: issue 16, item 8).
+        "show_on_an_unreachable_endpoint": (s3, "cannot read:"),
+        "report_on_an_unreachable_endpoint": (s3, "cannot read:"),
+        "resume_on_an_unreachable_endpoint": (s3, "cannot read:"),
     }
     procs = {}
     for name, (storage, _) in cases.items():  # all at once: an endpoint's retries take seconds
         ray_tmp = tmp_path / f"ray-{name}"
         ray_tmp.mkdir()
         env = cli_env(RAY_TMPDIR=str(ray_tmp), RAYPIPE_CACHE=str(tmp_path / f"cache-{name}"))
-        if name.startswith("runs"):
+        command = name.split("_")[0]
+        if command in ("show", "report", "resume"):
+            args = [command, "r1", "--storage", storage]
+        elif command == "runs":
             args = ["runs", "--storage", storage]
         else:
             args = ["run", str(pipeline(tmp_path, storage, f"{name}.yaml"))]
@@ -107,6 +115,8 @@ def test_storage_that_cannot_be_written_fails_before_the_run_writes(tmp_path, re
         out, err = proc.communicate(timeout=240)
         storage, words = cases[name]
         shown = storage.replace("AKIDKEY:SECRETKEY", "***")
+        if name.split("_")[0] in ("show", "report", "resume"):
+            shown = shown.replace("/x?", "/x/runs/r1/run.json?")
         assert_one_line_error(proc.returncode, out + err, f"error: {shown}: ", words)
         assert "SECRETKEY" not in out + err and "AKIDKEY" not in out + err
         # Checked before anything: no Ray was started, nothing was written or cached.

@@ -162,3 +162,34 @@ def run_hostile_stages(d: Path) -> HostileRun:
     pipeline = spec.load(path, [f"leak.message={LEAKY_MESSAGE}"])
     record = engine.run_pipeline(pipeline, printer=lines.append)
     return HostileRun(record, lines, store, cases)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str, name: str):
+    """A real tmpfs mounted at ``path`` with ``options`` (``size=4m,mode=0755``, ``ro``...),
+    unmounted at the end; the test is skipped where it cannot be mounted (not root, no
+    `mount`, a container that forbids it)."""
+    import shutil
+
+    import pytest
+
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root")
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, name, str(path)], capture_output=True, text=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def good_record(run_id: str) -> dict:
+    """A run record's JSON (as plain data) of one succeeded stage."""
+    from pipelines.record import RunRecord, StageEntry
+
+    record = RunRecord(run_id, "good", "p.yaml", "/s", None, [], [], status="succeeded")
+    record.stages = {"a": StageEntry(uses="test.sleep", status="succeeded", seconds=0.5)}
+    return json.loads(record.to_json())

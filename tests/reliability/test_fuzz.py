@@ -20,9 +20,9 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reliability_helpers import invoke
+from reliability_helpers import good_record, invoke
 
-from pipelines.record import RUN_FILE, RunRecord, StageEntry
+from pipelines.record import RUN_FILE
 
 pytestmark = pytest.mark.reliability
 
@@ -115,16 +115,10 @@ def test_generated_pipeline_files_and_overrides(text, overrides):
         check_cli(*invoke("validate", str(path), *overrides))
 
 
-def good_record() -> dict:
-    record = RunRecord("r1", "good", "p.yaml", "/s", None, [], [], status="succeeded")
-    record.stages = {"a": StageEntry(uses="test.sleep", status="succeeded", seconds=0.5)}
-    return json.loads(record.to_json())
-
-
 @st.composite
 def records(draw) -> bytes:
     """A run record with one key (top-level or a stage's) replaced, removed or cut short."""
-    data = good_record()
+    data = good_record("r1")
     target = data if draw(st.booleans()) else data["stages"]["a"]
     key = draw(st.sampled_from(sorted(target) + ["extra"]))
     if draw(st.integers(0, 3)) == 0:

@@ -10,18 +10,12 @@ import os
 from pathlib import Path
 
 import pytest
-from reliability_helpers import assert_one_line_error, invoke
+from reliability_helpers import assert_one_line_error, good_record, invoke
 
 from pipelines.record import PIPELINE_FILE, RUN_FILE, RunRecord, StageEntry
 from pipelines.store import Store
 
 pytestmark = pytest.mark.reliability
-
-
-def good_record(run_id: str) -> dict:
-    record = RunRecord(run_id, "good", "p.yaml", "/s", None, [], [], status="succeeded")
-    record.stages = {"a": StageEntry(uses="test.sleep", status="succeeded", seconds=0.5)}
-    return json.loads(record.to_json())
 
 
 def with_(**changes) -> bytes:

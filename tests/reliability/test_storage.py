@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from reliability_helpers import ROOT, assert_one_line_error, cli_env, invoke
+from reliability_helpers import ROOT, assert_one_line_error, cli_env, invoke, tmpfs
 
 pytestmark = pytest.mark.reliability
 
@@ -43,17 +43,8 @@ def read_only_dir(tmp_path):
         yield path
         path.chmod(0o755)
         return
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "raypipe-ro", str(path)],
-        capture_output=True,
-        text=True,
-    )
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {made.stderr.strip()}")
-    try:
+    with tmpfs(path, "ro,size=64k", "raypipe-ro"):
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 @pytest.mark.parametrize(

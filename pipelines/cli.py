@@ -359,14 +359,33 @@ def show(
 
 @app.command()
 def report(
-    run_id: Annotated[str, typer.Argument(help="A run id (see `raypipe runs`).")],
+    run_id: Annotated[
+        str | None, typer.Argument(help="A run id (see `raypipe runs`).", show_default=False)
+    ] = None,
+    compare: Annotated[
+        tuple[str, str] | None,
+        typer.Option(
+            "--compare",
+            metavar="RUN RUN",
+            help="Two runs side by side: configs and metrics, differences marked.",
+        ),
+    ] = None,
     storage: StorageOpt = DEFAULT_STORAGE,
 ) -> None:
-    """(Re)writes a run's self-contained HTML report and prints its path."""
-    from pipelines.report import write_report
+    """(Re)writes a run's self-contained HTML report, or with --compare a page putting two
+    runs side by side; prints its path."""
+    from pipelines.report import write_comparison, write_report
     from pipelines.store import Store
 
-    typer.echo(redact(write_report(Store(storage), run_id)))
+    if (run_id is None) == (compare is None):
+        raise _fail("give one run id, or --compare RUN RUN")
+    try:
+        if compare is not None:
+            typer.echo(redact(write_comparison(Store(storage), *compare)))
+        else:
+            typer.echo(redact(write_report(Store(storage), run_id)))
+    except FileNotFoundError as e:
+        raise _fail(str(e)) from None
 
 
 def _stage_model(storage: str, run_id: str, stage: str, capability: str, what: str) -> Any:

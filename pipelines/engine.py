@@ -30,7 +30,15 @@ import yaml
 
 from components import registry
 from pipelines import spec as spec_mod
-from pipelines.guards import REDACTED, TooLarge, block, one_line, redact, remember_secrets
+from pipelines.guards import (
+    REDACTED,
+    TooLarge,
+    block,
+    one_line,
+    redact,
+    redact_data,
+    remember_secrets,
+)
 from pipelines.record import (
     PIPELINE_FILE,
     RUN_FILE,
@@ -42,7 +50,7 @@ from pipelines.record import (
     load_record,
     progress_file,
 )
-from pipelines.spec import Pipeline
+from pipelines.spec import Pipeline, Stage
 from pipelines.stage_task import StageJob, remote_stage_task
 from pipelines.store import ArtifactInvalid, Store, digest_of
 
@@ -52,6 +60,13 @@ __all__ = ["PIPELINE_FILE", "RUN_FILE", "RunLocked", "RunRecord", "Runner", "loa
 def new_run_id() -> str:
     """A sortable, unique run id: UTC time plus random hex."""
     return dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def _entry(stage: Stage) -> StageEntry:
+    """A new run's record of ``stage``: its component, edges and config as validated (URIs
+    in it redacted: the record is shown and compared; the run itself uses the config)."""
+    config = redact_data(stage.config.model_dump(mode="json"))
+    return StageEntry(uses=stage.uses, needs=list(stage.needs), config=config)
 
 
 def default_tracking_uri(store: Store) -> str | None:
@@ -234,9 +249,7 @@ class Runner:
                 tracking=None if tracking is None else redact(tracking),
                 overrides=[redact(item) for item in pipeline.overrides],
                 force=force,
-                stages={
-                    name: StageEntry(uses=pipeline.stages[name].uses) for name in pipeline.order
-                },
+                stages={name: _entry(pipeline.stages[name]) for name in pipeline.order},
             )
             self.forced = pipeline.descendants(set(force))
         else:

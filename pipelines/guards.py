@@ -181,6 +181,18 @@ def redact(text: str) -> str:
     return text
 
 
+def redact_data(value: Any) -> Any:
+    """``value`` (plain data: dicts, lists, scalars) with :func:`redact` applied to every
+    string in it, keys included: a config as a record or a report may keep it."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {redact_data(k): redact_data(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact_data(v) for v in value]
+    return value
+
+
 # --- storage locations -----------------------------------------------------------------------
 
 #: Schemes of the pyarrow.fs filesystems a storage URI may name; anything else is refused when

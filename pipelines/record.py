@@ -84,6 +84,8 @@ class StageEntry:
         traceback: the full traceback of a failure.
         attempts: how many times the stage was started in this run (resumes included).
         recomputed_because: why a cached artifact was not used (it failed verification).
+        needs: the stages it depends on (the pipeline's edges, for the report's graph).
+        config: the component's validated config, defaults filled in (for comparing runs).
     """
 
     __pydantic_config__ = _RECORD_CONFIG  # how from_dict checks an entry read back
@@ -101,6 +103,8 @@ class StageEntry:
     traceback: str | None = None
     attempts: int = 0
     recomputed_because: str | None = None
+    needs: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
 
     def mark_pending(self) -> None:
         """Back to pending (a completed stage whose artifact no longer verifies)."""
@@ -182,7 +186,8 @@ class RunRecord:
     stages: dict[str, StageEntry] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, default=str)
+        # Stages stay in the pipeline's order (a dependency order), which the report shows.
+        return json.dumps(asdict(self), default=str)
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str = RUN_FILE) -> RunRecord:
@@ -240,6 +245,7 @@ def _check_names(record: RunRecord, source: str) -> None:
     for name, entry in record.stages.items():
         checks.append(("stages", name, STAGE_NAME))
         checks.append((f"stages.{name}.uses", entry.uses, COMPONENT_NAME))
+        checks += [(f"stages.{name}.needs.{i}", n, STAGE_NAME) for i, n in enumerate(entry.needs)]
         if entry.cache_key is not None:
             checks.append((f"stages.{name}.cache_key", entry.cache_key, CACHE_KEY))
     for key, value, pattern in checks:

@@ -4,6 +4,7 @@ drives it from outside."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -11,6 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+#: A line Ray forwards from a worker: ``(raypipe:r:a pid=123)``, ``(RayTrainWorker pid=9,
+#: ip=10.0.0.1)``.
+RAY_WORKER_LINE = re.compile(r"\((?:[\w.:-]+ )?pid=\d+(?:, ip=[\w.:-]+)?\)")
 
 
 def cli_env(**extra: str) -> dict[str, str]:

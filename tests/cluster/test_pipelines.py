@@ -18,6 +18,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from cli_helpers import RAY_WORKER_LINE
 from cluster_helpers import ROOT, RUN_ORDER, SHRINK, cli_env, shrunk
 
 from pipelines.submit import JobsClient
@@ -73,6 +74,8 @@ def test_every_shipped_pipeline_runs_when_submitted_to_a_cluster(pipeline_cluste
         record = _run_record(out, tmp / "store")
         for stage, st in record["stages"].items():
             assert st["status"] == "succeeded", (name, stage, st.get("error"), out[-3000:])
+        # The job's log is the driver's plain lines: Ray's worker output stays in Ray's logs.
+        assert not [line for line in out.splitlines() if RAY_WORKER_LINE.search(line)], out
     # The set-up this guards: some drivers (and so their stage tasks) sat on the 1-CPU head.
     client = JobsClient(pipeline_cluster["info"].dashboard_url)
     head = _head_node_id(client)

@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import RAY_WORKER_LINE
 
 from pipelines import engine, spec
 from pipelines.record import StageEntry, Status
-from pipelines.report import write_report
+from pipelines.report import render, write_report
 from pipelines.store import Store
 
 STAGES = """\
@@ -36,17 +37,26 @@ def test_report_has_sections_for_the_run_and_marks_cached_stages(ray_local, tmp_
         assert section in text
     assert text.count("<td>cached</td>") == 2  # a and b were cached in the second run
     assert "bad &lt;input&gt; &amp; more" in text  # errors are escaped, not injected
-    assert not re.search(r"src=['\"]https?:", text), "the report must be self-contained"
-    assert text.count("data:image/png;base64,") >= 1
+    # Self-contained: no element loads anything (the inlined Plotly bundle mentions map tile
+    # servers, used only by map traces, which the report has none of).
+    markup = re.sub(r"<script>.*?</script>", "", text, flags=re.S)
+    assert not re.search(r"(src|href)=['\"]https?:", markup), "the report must be self-contained"
+    assert "<script src" not in text
+    assert "Plotly.newPlot" in text and "plotly.js v" in text  # drawn offline, script inlined
+    # The graph: a node per stage (cached ones marked), an edge per need; stages in their
+    # dependency order, not the record's (alphabetical) one.
+    nodes = re.findall(r"data-stage='(\w+)' data-state='(\w+)' data-cached='(\w+)'", text)
+    assert sorted(nodes) == [
+        ("a", "succeeded", "true"),
+        ("b", "succeeded", "true"),
+        ("broken", "failed", "false"),
+    ]
+    assert text.count("class='edge'") == 1
+    assert text.index("id='stage-a'") < text.index("id='stage-b'") < text.index("id='stage-broken'")
     # `raypipe report` writes the same file again.
     report.unlink()
     assert write_report(Store(str(tmp_path / "store")), record.run_id).endswith("report.html")
     assert report.is_file()
-
-
-#: A line Ray forwards from a worker: ``(raypipe:r:a pid=123)``, ``(RayTrainWorker pid=9,
-#: ip=10.0.0.1)``.
-RAY_WORKER_LINE = re.compile(r"\((?:[\w.:-]+ )?pid=\d+(?:, ip=[\w.:-]+)?\)")
 
 
 def test_run_output_in_a_non_terminal_is_plain_lines(tmp_path):
@@ -84,6 +94,73 @@ def test_run_output_in_a_non_terminal_is_plain_lines(tmp_path):
     run_id = quiet.stdout.split()[1].rstrip(":")
     record = json.loads((Path(tmp_path / "store" / "runs" / run_id / "run.json")).read_text())
     assert record["status"] == "failed"
+
+
+def _png(path: Path, shade: int) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (4, 4), shade).save(path)
+
+
+def test_report_orders_by_dependency_folds_series_and_says_the_decision(tmp_path):
+    """A hand-written record (no Ray): stages kept in name order come out in dependency
+    order; a series of sample grids shows first and last; a two-point history is a table; a
+    gate's decision is a sentence."""
+    store = Store(str(tmp_path / "store"))
+    gan, gate, agent = (tmp_path / "artifacts" / name for name in ("gan", "gate", "agent"))
+    for epoch in range(6):
+        _png(gan / "samples" / f"epoch_{epoch:03d}.png", 40 * epoch)
+    history = [{"epoch": e, "train/g_loss": 1.0 / (e + 1), "val/fid": 9.0 - e} for e in range(6)]
+    (gan / "history.jsonl").write_text("".join(json.dumps(p) + "\n" for p in history))
+    agent.mkdir(parents=True)
+    returns = [{"step": 1000 * (i + 1), "eval/return": -900.0 + 100 * i} for i in range(2)]
+    (agent / "history.jsonl").write_text("".join(json.dumps(p) + "\n" for p in returns))
+    gate.mkdir(parents=True)
+    decision = {
+        "promoted": True,
+        "reason": "val/fid 4.0 vs champion 6.0 (gain +2.0 > 0)",
+        "metric": "test/fid",
+        "candidate": 4.0,
+        "champion": 6.0,
+        "champion_version": "3",
+        "model": "digits-gan",
+        "version": "4",
+        "candidate_metrics": {"test/fid": 4.0},
+    }
+    (gate / "decision.json").write_text(json.dumps(decision))
+    done = {"status": Status.SUCCEEDED, "start": 1.0, "end": 2.0}
+    record = engine.RunRecord(
+        run_id="r1",
+        pipeline="p",
+        source="p.yaml",
+        storage=store.root,
+        tracking=None,
+        overrides=[],
+        force=[],
+        stages={  # name order, as records written by sorted JSON kept them
+            "agent": StageEntry(uses="rl.ddpg", artifact=str(agent), **done),
+            "gan": StageEntry(uses="generative.gan", needs=["z_data"], artifact=str(gan), **done),
+            "gate": StageEntry(uses="tune.evaluate", needs=["gan"], artifact=str(gate), **done),
+            "z_data": StageEntry(uses="data.prepare", cache_hit=True, **done),
+        },
+    )
+    page = render(record, store)
+    sections = re.findall(r"<section id='stage-(\w+)'>", page)
+    assert sections == ["agent", "z_data", "gan", "gate"]
+    assert page.count("class='edge'") == 2
+    assert "data-stage='z_data' data-state='succeeded' data-cached='true'" in page
+    shown, folded = page.split("<details>", 1)
+    assert "samples/epoch_000.png" in shown and "samples/epoch_005.png" in shown
+    assert "samples/epoch_002.png" not in shown and "samples/epoch_002.png" in folded
+    assert "4 more of this series" in folded
+    figures = json.loads(re.search(r"const FIGURES = (.*?);\n", page).group(1))
+    assert {"plot-timeline", "plot-gan-0", "plot-gan-1"} <= set(figures)
+    assert not [k for k in figures if k.startswith("plot-agent")]  # two points: a table
+    assert "<th>eval/return</th>" in page
+    assert (
+        "Promoted digits-gan version 4 to champion: test/fid 4 against version 3&#x27;s 6." in page
+    )
 
 
 def test_runs_of_one_pipeline_compare_key_metrics(tmp_path):

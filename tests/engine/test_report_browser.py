@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
+from cli_helpers import cli
 from PIL import Image
 
 from pipelines import engine, spec
@@ -26,8 +29,27 @@ OFFLINE = [
 ]
 
 
+DUMP = ["--enable-logging=stderr", "--v=0", "--dump-dom"]  # the DOM after scripts ran
+
+
+def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [CHROMIUM, *OFFLINE, f"--user-data-dir={profile}", "--virtual-time-budget=5000", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _share(image: Image.Image, rgb: tuple[int, int, int]) -> float:
+    """The share of ``image``'s pixels within a few levels of colour ``rgb``."""
+    pixels = list(image.convert("RGB").getdata())
+    near = sum(1 for p in pixels if all(abs(a - b) <= 6 for a, b in zip(p, rgb, strict=True)))
+    return near / len(pixels)
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test does)")
-def test_demo_sized_report_renders_in_chromium(ray_local, tmp_path):
+def test_demo_sized_report_renders_in_chromium_and_two_runs_compare(ray_local, tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(
         f"name: report-demo\nstorage: {tmp_path / 'store'}\nstages:\n"
@@ -35,35 +57,55 @@ def test_demo_sized_report_renders_in_chromium(ray_local, tmp_path):
         "  classifier:\n    uses: vision.train\n    needs: [prepare]\n"
         "    with: {epochs: 3, batch_size: 64, width: 8}\n"
     )
-    record = engine.run_pipeline(spec.load(path), printer=lambda _line: None)
-    assert record.ok, record.error
-    report = tmp_path / "store" / "runs" / record.run_id / "report.html"
+    first = engine.run_pipeline(spec.load(path), printer=lambda _line: None)
+    assert first.ok, first.error
+    # A second run: the data stage comes from the cache, the classifier trains again.
+    second = engine.run_pipeline(
+        spec.load(path, ["stages.classifier.with.epochs=4"]), printer=lambda _line: None
+    )
+    assert second.ok and second.stages["prepare"].cache_hit, second.error
+    report = tmp_path / "store" / "runs" / second.run_id / "report.html"
     profile = tmp_path / "profile"
-    base = [CHROMIUM, *OFFLINE, f"--user-data-dir={profile}"]
 
-    dom = subprocess.run(
-        [*base, "--enable-logging=stderr", "--v=0", "--dump-dom", report.as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    dom = _chromium(
+        "--enable-logging=stderr", "--v=0", "--dump-dom", report.as_uri(), profile=profile
     )
     assert dom.returncode == 0, dom.stderr[-2000:]
     console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
     assert not console, f"console messages: {console}"
-    for section in ("stages", "timeline", "stage-prepare", "stage-classifier"):
-        assert f'id="{section}"' in dom.stdout, section
-    assert "Data accounting" in dom.stdout and "Curves" in dom.stdout
-    assert 'alt="confusion_matrix.png"' in dom.stdout
-    assert dom.stdout.count("data:image/png;base64,") >= 4  # timeline, curves, confusion, ...
+    page = dom.stdout
+    for section in ("graph", "stages", "timeline", "stage-prepare", "stage-classifier"):
+        assert f'id="{section}"' in page, section
+    # Dependency order (alphabetical would put the classifier first).
+    assert page.index('id="stage-prepare"') < page.index('id="stage-classifier"')
+    assert "Data accounting" in page and "Curves" in page
+    assert 'alt="confusion_matrix.png"' in page
+    # Plotly drew the timeline and the curves in the browser: its SVG is in the DOM.
+    assert page.count('class="main-svg"') >= 2 * 3, "the timeline and curves were not drawn"
 
+    # A screenshot of the graph: a green node (trained) and a grey dashed one (cached).
     shot = tmp_path / "report.png"
-    subprocess.run(
-        [*base, "--window-size=1200,1600", f"--screenshot={shot}", report.as_uri()],
-        capture_output=True,
-        timeout=120,
-        check=True,
+    done = _chromium(
+        "--window-size=1200,700", f"--screenshot={shot}", report.as_uri(), profile=profile
     )
-    image = Image.open(shot).convert("L")
-    histogram = image.histogram()
-    non_white = sum(histogram[:200]) / sum(histogram)
-    assert non_white > 0.02, "the screenshot is blank"
+    assert done.returncode == 0, done.stderr[-2000:]
+    top = Image.open(shot).crop((0, 0, 1200, 400))
+    assert _share(top, (0xDC, 0xFC, 0xE7)) > 0.005, "no succeeded (green) node in the graph"
+    assert _share(top, (0xE5, 0xE7, 0xEB)) > 0.005, "no cached (grey) node in the graph"
+
+    # `raypipe report --compare` puts the two runs side by side, differences marked.
+    store = str(tmp_path / "store")
+    compared = cli("report", "--compare", first.run_id, second.run_id, "--storage", store)
+    assert compared.returncode == 0, compared.stderr
+    page = Path(compared.stdout.strip()).read_text()
+    differing = re.findall(r"<tr class='differs'><td>([^<]+)</td>", page)
+    assert "config.epochs" in differing and "state" not in differing, differing
+    assert "config.batch_size" not in differing and "epochs_run" in differing
+    dom = _chromium(
+        "--enable-logging=stderr",
+        "--v=0",
+        "--dump-dom",
+        Path(compared.stdout.strip()).as_uri(),
+        profile=profile,
+    )
+    assert dom.returncode == 0 and "CONSOLE" not in dom.stderr, dom.stderr[-2000:]

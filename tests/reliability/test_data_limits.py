@@ -44,7 +44,11 @@ def test_numbers_in_files_and_library_errors_are_bounded(hostile_run):
     code_report, _ = invoke("report", record.run_id, "--storage", str(store))
     assert (code, code_report) == (0, 0), shown
     assert len(shown) < 20_000 and (run_dir / "run.json").stat().st_size < 200_000
-    assert (run_dir / "report.html").stat().st_size < 300_000
+    # (The report embeds Plotly's script, megabytes of its own: what matters is that no more
+    # than a prefix of a cell reaches it, nor the record.)
+    for name in ("report.html", "run.json"):
+        text = (run_dir / name).read_text()
+        assert "v" * 200 not in text and "w" * 200 not in text, name
     with sqlite3.connect(store / "mlflow.db") as db:
         longest = db.execute("select max(length(value)) from tags").fetchone()[0]
     assert longest <= 5000, longest

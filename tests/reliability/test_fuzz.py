@@ -27,7 +27,7 @@ from pipelines.record import RUN_FILE
 pytestmark = pytest.mark.reliability
 
 FUZZ = settings(
-    max_examples=60,
+    max_examples=40,
     deadline=None,
     derandomize=True,
     database=None,

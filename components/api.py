@@ -25,7 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, PlainValidator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PlainValidator,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails
 
 
 def _gpu_setting(value: Any) -> Literal["auto"] | bool:
@@ -37,25 +46,83 @@ def _gpu_setting(value: Any) -> Literal["auto"] | bool:
 GpuSetting = Annotated[Literal["auto"] | bool, PlainValidator(_gpu_setting)]
 
 
-class StrictModel(BaseModel):
-    """Base for every config model: unknown keys are errors, defaults are validated too."""
+INT64 = (-(2**63), 2**63 - 1)
 
-    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+
+class StrictModel(BaseModel):
+    """Base for every config model: unknown keys are errors, defaults are validated too.
+
+    Numbers are numbers a run can use, in every config: floats are finite (no ``.inf`` or
+    ``.nan``), integers fit in 64 bits (what arrays, seeds and C libraries hold), and ``true``
+    or ``false`` is never taken for 1 or 0.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid", validate_default=True, frozen=True, allow_inf_nan=False
+    )
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _usable_numbers(cls, data: Any, handler: ModelWrapValidatorHandler) -> Any:
+        validated = handler(data)
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                key = field.alias if field.alias in data else name
+                if key not in data:
+                    continue
+                if problem := _number_problem(data[key], getattr(validated, name)):
+                    error = InitErrorDetails(
+                        type="value_error",
+                        loc=(key,),
+                        input=data[key],
+                        ctx={"error": ValueError(problem)},
+                    )
+                    raise ValidationError.from_exception_data(cls.__name__, [error])
+        return validated
+
+
+def _number_problem(raw: Any, validated: Any) -> str | None:
+    """What is wrong with the numbers pydantic made of ``raw`` (None: nothing): a boolean
+    taken for a number, or an integer beyond 64 bits. Nested models check their own fields."""
+    if isinstance(raw, bool):
+        if not isinstance(validated, bool) and isinstance(validated, int | float):
+            return f"expected a number, not {str(raw).lower()}"
+        return None
+    if isinstance(validated, int) and not isinstance(validated, bool):
+        if not INT64[0] <= validated <= INT64[1]:
+            return "an integer beyond 64 bits"
+        return None
+    if isinstance(raw, list | tuple) and isinstance(validated, list | tuple):
+        for r, v in zip(raw, validated, strict=False):
+            if problem := _number_problem(r, v):
+                return problem
+    elif isinstance(raw, dict) and isinstance(validated, dict):
+        for key, r in raw.items():
+            if key in validated and (problem := _number_problem(r, validated[key])):
+                return problem
+    return None
 
 
 class Resources(StrictModel):
     """What a stage may use of the cluster.
 
     Attributes:
-        workers: Ray Train workers (or env runners, or parallel tasks) the stage starts.
+        workers: Ray Train workers (or env runners, or parallel tasks) the stage starts
+            (1 to ``MAX_WORKERS``).
         gpu: ``auto`` uses GPUs when the cluster has any, ``true`` requires them, ``false``
             never uses them.
-        cpus_per_worker: CPUs reserved for each worker.
+        cpus_per_worker: CPUs reserved for each worker (more than 0, at most
+            ``MAX_CPUS_PER_WORKER``).
     """
 
-    workers: int = 1
+    #: Bounds of what one stage may ask for: far above any cluster's, low enough that no
+    #: count derived from them (gangs, placement bundles) explodes.
+    MAX_WORKERS: ClassVar[int] = 4096
+    MAX_CPUS_PER_WORKER: ClassVar[float] = 1024.0
+
+    workers: int = Field(1, ge=1, le=MAX_WORKERS)
     gpu: GpuSetting = "auto"
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = Field(1.0, gt=0.0, le=MAX_CPUS_PER_WORKER)
 
     def use_gpu(self, cluster_gpus: float) -> bool:
         """Resolves ``gpu`` against the GPUs the cluster has.

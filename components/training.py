@@ -19,6 +19,7 @@ A checkpoint is one ``state.pt`` holding only tensors and plain data, loaded wit
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -29,14 +30,15 @@ from typing import Any, Literal, TypeVar
 
 from components.api import StageContext, StrictModel
 from components.contract import TrialData
+from pipelines.guards import quote
 
 STATE_FILE = "state.pt"
 Settings = TypeVar("Settings", bound=StrictModel)
 #: How long a training run waits for its workers' resources before Ray Train gives up
 #: (Train's own default is 60 s, after which it fails the attempt). On a busy cluster a stage
 #: waits for CPUs held by other stages or trials as long as they need them; set
-#: RAYPIPE_RESOURCE_WAIT_S to bound the wait.
-RESOURCE_WAIT_S = float(os.environ.get("RAYPIPE_RESOURCE_WAIT_S", 7 * 24 * 3600))
+#: RAYPIPE_RESOURCE_WAIT_S to bound the wait (read when a run starts: resource_wait_s).
+RESOURCE_WAIT_S = 7 * 24 * 3600.0
 
 
 class TrainSettings(StrictModel):
@@ -292,11 +294,30 @@ def final_state(snapshot: dict[str, Any], *models, **extra: Any) -> dict[str, An
 # --- in the stage -------------------------------------------------------------------------
 
 
+def resource_wait_s() -> float:
+    """Seconds a training run waits for its workers' resources: ``RAYPIPE_RESOURCE_WAIT_S``
+    if set, else :data:`RESOURCE_WAIT_S`.
+
+    Raises:
+        ValueError: the variable is not a finite number of seconds above 0 (naming it).
+    """
+    raw = os.environ.get("RAYPIPE_RESOURCE_WAIT_S")
+    if raw is None:
+        return RESOURCE_WAIT_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise ValueError(f"RAYPIPE_RESOURCE_WAIT_S={quote(raw)}: a number of seconds above 0")
+    return seconds
+
+
 def wait_for_resources() -> None:
-    """Makes the Ray Train runs this process starts wait :data:`RESOURCE_WAIT_S` for their
+    """Makes the Ray Train runs this process starts wait :func:`resource_wait_s` for their
     workers' resources instead of failing after Train's 60 s. Train propagates this variable
     from the process that calls ``fit()`` to its controller."""
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(RESOURCE_WAIT_S)
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(resource_wait_s())
 
 
 def fit(

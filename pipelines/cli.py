@@ -1,24 +1,107 @@
 """The ``raypipe`` command.
 
 Exit codes: 0 success; 1 a stage (or job) failed; 2 invalid input (pipeline file, override,
-unknown run id), always reported before Ray starts.
+run id, run record, storage), always reported before Ray starts; 3 raypipe itself failed (a
+bug). Every error is one line on stderr: no traceback reaches the console. Where one was
+raised that is not raypipe's own account of bad input, the line names the log file that holds
+it (under ``$RAYPIPE_LOG_DIR``, by default ``<temp dir>/raypipe-logs``).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
+import secrets
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from pipelines import record as record_mod
 from pipelines import spec as spec_mod
+from pipelines.guards import InputError, block, one_line, redact
 from pipelines.record import Status
 
+#: The full traceback of an error the CLI reports in one line is kept this long.
+MAX_LOG_CHARS = 1 << 20
+
+
+class GuardedGroup(TyperGroup):
+    """The ``raypipe`` group: runs a command and turns what escapes it into one line.
+
+    Bad input (:class:`~pipelines.guards.InputError`: a pipeline file, an override, a run
+    record, a storage location) is its own message, exit 2. An ``OSError`` (a disk, a
+    permission, a network) is one line naming the log file with its traceback, exit 2.
+    Anything else is a bug in raypipe: one line naming the log, exit 3. A usage error (an
+    unknown option, a missing argument) is one line too, exit 2.
+    """
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        given = args[0] if args else kwargs.get("args")
+        #: The command's own arguments, for the log of an error (not sys.argv: the command may
+        #: be run inside another program, a test's CliRunner).
+        self.argv = [str(a) for a in (sys.argv[1:] if given is None else given)]
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.TyperException as e:  # a usage error
+            ctx = getattr(e, "ctx", None)
+            if type(e).__name__ == "NoArgsIsHelpError":  # `raypipe` alone: its help
+                typer.echo(e.format_message(), err=True)
+            else:
+                hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+                typer.echo(f"error: {one_line(e.format_message())}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException):  # usage errors, exits
+            raise
+        except InputError as e:
+            raise _fail(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - the one place that sees every failure
+            raise _unexpected(e, getattr(self, "argv", sys.argv[1:])) from None
+
+
+def _unexpected(error: Exception, argv: list[str]) -> typer.Exit:
+    """Writes ``error``'s traceback to a log file; returns the exit that names it."""
+    where = _write_log(error, argv)
+    shown = f"{type(error).__name__}: {error}"
+    if isinstance(error, OSError):
+        return _fail(f"{shown} ({where})")
+    return _fail(f"internal error (a bug in raypipe): {shown} ({where})", code=3)
+
+
+def _write_log(error: Exception, argv: list[str]) -> str:
+    """Writes the command line (``raypipe ARGV``) and ``error``'s traceback, redacted, to a
+    new log file; returns where it is, in words."""
+    folder = Path(os.environ.get("RAYPIPE_LOG_DIR") or Path(tempfile.gettempdir()) / "raypipe-logs")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    path = folder / f"error-{stamp}-{os.getpid()}-{secrets.token_hex(3)}.log"
+    text = "".join(traceback.format_exception(error))
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(path, "x") as f:
+            f.write(f"raypipe {redact(' '.join(argv))}\n")
+            f.write(block(text, MAX_LOG_CHARS))
+    except OSError as e:
+        return f"its traceback could not be written to {path}: {e.strerror}"
+    return f"traceback in {path}"
+
+
 app = typer.Typer(
+    cls=GuardedGroup,
     help="Run machine-learning pipelines, written as YAML, on Ray.",
     no_args_is_help=True,
     add_completion=False,
@@ -46,7 +129,8 @@ OldAddressOpt = Annotated[str | None, typer.Option("--address", hidden=True)]
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
+    """Prints ``error: MESSAGE`` (one line, bounded, redacted); returns the exit to raise."""
+    typer.echo(f"error: {one_line(message)}", err=True)
     return typer.Exit(code)
 
 
@@ -105,10 +189,7 @@ def _console(stages: list[str], quiet: bool, verbose: bool) -> tuple[dict, Any]:
 
 
 def _load(file: Path, overrides: list[str] | None) -> spec_mod.Pipeline:
-    try:
-        return spec_mod.load(file, overrides or [])
-    except spec_mod.PipelineError as e:
-        raise _fail(str(e)) from None
+    return spec_mod.load(file, overrides or [])  # a PipelineError is one line (GuardedGroup)
 
 
 @app.command()
@@ -150,10 +231,7 @@ def run(
     from pipelines import engine
 
     output, context = _console(pipeline.order, quiet, verbose)
-    try:
-        runner = engine.Runner(pipeline, force=force or [], address=ray_address, **output)
-    except spec_mod.PipelineError as e:
-        raise _fail(str(e)) from None
+    runner = engine.Runner(pipeline, force=force or [], address=ray_address, **output)
     with context:
         record = runner.run()
     _finish(record)
@@ -179,12 +257,12 @@ def resume(
     from pipelines import engine
     from pipelines.store import Store
 
+    stages = list(record_mod.load_record(Store(storage), run_id).stages)
+    output, context = _console(stages, quiet, verbose)
     try:
-        stages = list(record_mod.load_record(Store(storage), run_id).stages)
-        output, context = _console(stages, quiet, verbose)
         with context:
             record = engine.resume_run(storage, run_id, address=ray_address, **output)
-    except (FileNotFoundError, spec_mod.PipelineError, engine.RunLocked) as e:
+    except engine.RunLocked as e:
         raise _fail(str(e)) from None
     _finish(record)
 
@@ -200,16 +278,23 @@ def runs(
     """Lists the runs in a storage root, newest last; `--pipeline` compares their metrics."""
     from pipelines.store import Store
 
-    records = record_mod.list_records(Store(storage))
+    store = Store(storage)
+    records, damaged = record_mod.read_records(store)
     if pipeline is not None:
         records = [r for r in records if r.pipeline == pipeline]
-    if not records:
-        typer.echo(f"no runs{f' of {pipeline}' if pipeline else ''} in {Store(storage).root}")
-        return
+    if not records and not (damaged and pipeline is None):
+        of = f" of {one_line(pipeline, 100)}" if pipeline else ""
+        typer.echo(f"no runs{of} in {store.shown_root}")
     if pipeline is None:
-        for r in records:
-            done = len(r.with_status(Status.SUCCEEDED))
-            typer.echo(f"{r.run_id}  {r.pipeline:<24} {r.status:<10} {done}/{len(r.stages)} stages")
+        rows = {r.run_id: _run_row(r) for r in records}
+        for run_id, why in damaged.items():
+            rows[run_id] = f"{one_line(run_id, 100)}  damaged: {why}"
+        for run_id in sorted(rows):
+            typer.echo(rows[run_id])
+        return
+    if damaged:
+        typer.echo(f"({len(damaged)} damaged run records left out: `raypipe runs` lists them)")
+    if not records:
         return
     # Side by side: one row per run, one column per numeric stage metric any run has.
     columns: list[tuple[str, str]] = []
@@ -219,7 +304,7 @@ def runs(
                 numeric = isinstance(value, int | float) and not isinstance(value, bool)
                 if numeric and _is_key_metric(key) and (stage, key) not in columns:
                     columns.append((stage, key))
-    header = ["run", "status", *[f"{stage}:{key}" for stage, key in columns]]
+    header = ["run", "status", *[one_line(f"{stage}:{key}", 80) for stage, key in columns]]
     rows = [header]
     for r in records:
         cells = [r.run_id, r.status]
@@ -231,6 +316,11 @@ def runs(
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+
+
+def _run_row(r: record_mod.RunRecord) -> str:
+    done = len(r.with_status(Status.SUCCEEDED))
+    return f"{r.run_id}  {r.pipeline:<24} {r.status:<10} {done}/{len(r.stages)} stages"
 
 
 def _is_key_metric(key: str) -> bool:
@@ -248,12 +338,10 @@ def show(
     """Shows one run: its stages, states, cache hits, times, metrics and errors."""
     from pipelines.store import Store
 
-    try:
-        record = record_mod.load_record(Store(storage), run_id)
-    except FileNotFoundError as e:
-        raise _fail(str(e)) from None
+    record = record_mod.load_record(Store(storage), run_id)
     if as_json:
-        typer.echo(json.dumps(json.loads(record.to_json()), indent=1, sort_keys=True))
+        # Redacted: a record written before credentials were kept out of records holds them.
+        typer.echo(redact(json.dumps(json.loads(record.to_json()), indent=1, sort_keys=True)))
         return
     typer.echo(f"run {record.run_id}  pipeline {record.pipeline}  status {record.status}")
     for name, st in record.stages.items():
@@ -262,11 +350,11 @@ def show(
         typer.echo(f"  {name:<16} {st.status:<10} {cached:<7} {took:>8}  {st.uses}")
         metrics = {k: v for k, v in st.metrics.items() if isinstance(v, int | float)}
         if metrics:
-            typer.echo("      " + json.dumps(metrics)[:300])
+            typer.echo("      " + one_line(json.dumps(metrics), 300))
         if st.error:
-            typer.echo(f"      error: {st.error}")
+            typer.echo(f"      error: {one_line(st.error)}")
     if record.error:
-        typer.echo(f"error: {record.error}")
+        typer.echo(f"error: {one_line(record.error)}")
 
 
 @app.command()
@@ -293,9 +381,9 @@ def report(
         raise _fail("give one run id, or --compare RUN RUN")
     try:
         if compare is not None:
-            typer.echo(write_comparison(Store(storage), *compare))
+            typer.echo(redact(write_comparison(Store(storage), *compare)))
         else:
-            typer.echo(write_report(Store(storage), run_id))
+            typer.echo(redact(write_report(Store(storage), run_id)))
     except FileNotFoundError as e:
         raise _fail(str(e)) from None
 
@@ -306,18 +394,16 @@ def _stage_model(storage: str, run_id: str, stage: str, capability: str, what: s
     from components.bundle import load_model
     from pipelines.store import Store
 
-    try:
-        record = record_mod.load_record(Store(storage), run_id)
-    except FileNotFoundError as e:
-        raise _fail(str(e)) from None
+    store = Store(storage)
+    record = record_mod.load_record(store, run_id)
     entry = record.stages.get(stage)
     if entry is None:
         raise _fail(f"run {run_id} has no stage {stage!r} (stages: {', '.join(record.stages)})")
     if entry.status != Status.SUCCEEDED or not entry.artifact:
         raise _fail(f"stage {stage!r} of run {run_id} has no artifact ({entry.status})")
-    path = Path(entry.artifact)
-    if not path.is_dir():
-        raise _fail(f"the artifact of stage {stage!r} is not on this machine: {path}")
+    path = store.local_artifact(entry.artifact)
+    if path is None:
+        raise _fail(f"the artifact of stage {stage!r} is not on this machine: {entry.artifact}")
     try:
         model = load_model(path)
     except FileNotFoundError:

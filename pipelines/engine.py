@@ -19,7 +19,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import secrets
 import time
 import traceback
@@ -31,9 +30,19 @@ import yaml
 
 from components import registry
 from pipelines import spec as spec_mod
+from pipelines.guards import (
+    REDACTED,
+    TooLarge,
+    block,
+    one_line,
+    redact,
+    redact_data,
+    remember_secrets,
+)
 from pipelines.record import (
     PIPELINE_FILE,
     RUN_FILE,
+    RecordError,
     RecordWriter,
     RunRecord,
     StageEntry,
@@ -54,8 +63,9 @@ def new_run_id() -> str:
 
 
 def _entry(stage: Stage) -> StageEntry:
-    """A new run's record of ``stage``: its component, edges and config as validated."""
-    config = stage.config.model_dump(mode="json")
+    """A new run's record of ``stage``: its component, edges and config as validated (URIs
+    in it redacted: the record is shown and compared; the run itself uses the config)."""
+    config = redact_data(stage.config.model_dump(mode="json"))
     return StageEntry(uses=stage.uses, needs=list(stage.needs), config=config)
 
 
@@ -226,14 +236,18 @@ class Runner:
                     pipeline.source, f"--force {name}", f"no stage named {name!r}"
                 )
         tracking = pipeline.spec.tracking or default_tracking_uri(self.store)
+        remember_secrets(tracking)
+        #: The tracking URI as given (the record keeps it redacted). A resumed run reads it
+        #: from its saved pipeline, where credentials were never written: it runs untracked.
+        self.tracking_uri = tracking if tracking is None or REDACTED not in tracking else None
         if record is None:
             record = RunRecord(
                 run_id=new_run_id(),
                 pipeline=pipeline.name,
                 source=pipeline.source,
-                storage=self.store.root,
-                tracking=tracking,
-                overrides=list(pipeline.overrides),
+                storage=self.store.shown_root,
+                tracking=None if tracking is None else redact(tracking),
+                overrides=[redact(item) for item in pipeline.overrides],
                 force=force,
                 stages={name: _entry(pipeline.stages[name]) for name in pipeline.order},
             )
@@ -277,17 +291,25 @@ class Runner:
         """Runs every stage that is not complete; returns the final record.
 
         Raises:
+            StorageError: the storage cannot be written (checked before anything is).
             RunLocked: another live process is driving this run.
         """
+        self.store.check_writable()
         with driver_lock(self.store, self.run_id):
             return self._run_locked()
 
     def _run_locked(self) -> RunRecord:
+        saved = self.pipeline.to_dict()
+        # Where it ran, without credentials: `resume` is given the storage again, and a
+        # tracking URI's credentials belong in the environment (MLFLOW_TRACKING_PASSWORD...).
+        saved["storage"] = self.store.shown_root
+        if saved.get("tracking"):
+            saved["tracking"] = redact(saved["tracking"])
         self.store.write_run_file(
-            self.run_id, PIPELINE_FILE, yaml.safe_dump(self.pipeline.to_dict(), sort_keys=False)
+            self.run_id, PIPELINE_FILE, yaml.safe_dump(saved, sort_keys=False)
         )
         self.print(
-            f"run {self.run_id} of pipeline {self.pipeline.name} (storage {self.store.root})"
+            f"run {self.run_id} of pipeline {self.pipeline.name} (storage {self.store.shown_root})"
         )
         self._start_tracking()
         self.save()
@@ -295,7 +317,7 @@ class Runner:
             self._loop()
         except BaseException as e:
             self.record.status = Status.FAILED
-            self.record.error = f"driver stopped: {type(e).__name__}: {e}"
+            self.record.error = one_line(f"driver stopped: {type(e).__name__}: {e}")
             self.record.finished = time.time()
             self.save(wait=True)
             raise
@@ -315,8 +337,13 @@ class Runner:
 
     def _start_tracking(self) -> None:
         """Opens the MLflow parent run (reopened on resume); a failure is recorded, not fatal."""
-        uri = self.record.tracking
+        uri = self.tracking_uri
         if not uri:
+            if self.record.tracking:
+                self._tracking_off(
+                    "the tracking URI held credentials, which are not saved with a run; "
+                    "give them in the environment (MLFLOW_TRACKING_USERNAME, ..._PASSWORD)"
+                )
             return
         from pipelines.tracking import Tracker
 
@@ -324,8 +351,7 @@ class Runner:
         try:
             self.tracker = Tracker(uri, self.pipeline.name, root)
         except Exception as e:  # noqa: BLE001 - tracking is a record of the run, not the run
-            self.record.tracking_error = f"{type(e).__name__}: {e}"
-            self.print(f"tracking off: {self.record.tracking_error}")
+            self._tracking_off(f"{type(e).__name__}: {e}")
             return
         self._tracked(
             lambda t: setattr(
@@ -347,9 +373,13 @@ class Runner:
         try:
             call(self.tracker)
         except Exception as e:  # noqa: BLE001 - see _start_tracking
-            self.record.tracking_error = f"{type(e).__name__}: {e}"
-            self.print(f"tracking off: {self.record.tracking_error}")
-            self.tracker = None
+            self._tracking_off(f"{type(e).__name__}: {e}")
+
+    def _tracking_off(self, reason: str) -> None:
+        """Tracking stops for the rest of the run; the record and the console say why."""
+        self.record.tracking_error = one_line(reason)
+        self.print(f"tracking off: {self.record.tracking_error}")
+        self.tracker = None
 
     def _track_stage(self, name: str, manifest: dict[str, Any] | None) -> None:
         self._tracked(lambda t: t.stage(name, self.record.stages[name], manifest))
@@ -497,7 +527,7 @@ class Runner:
 
     def _unplaceable(self, name: str) -> str | None:
         """Why a stage's workers can never be placed, or None. Stages wait for resources that
-        other stages hold (``training.RESOURCE_WAIT_S``); on the embedded Ray this run started,
+        other stages hold (``training.resource_wait_s``); on the embedded Ray this run started,
         whose size is fixed, a stage asking for more CPUs than it has would wait for ever."""
         self._ensure_ray()
         if not self._started_ray or self.address:
@@ -526,7 +556,7 @@ class Runner:
             resources=stage.spec.resources.model_dump(mode="json"),
             cache_key=key,
             storage=self.store.root,
-            tracking_uri=self.record.tracking,
+            tracking_uri=self.tracking_uri,
             inputs={n: (self.pipeline.stages[n].uses, self.keys[n]) for n in stage.needs},
             replace=forced,
         )
@@ -584,11 +614,9 @@ def _metric_summary(metrics: dict[str, Any]) -> str:
     return (" (" + ", ".join(f"{k}={_fmt(v)}" for k, v in shown) + ")") if shown else ""
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
 def describe_failure(error: BaseException) -> tuple[str, str]:
-    """A one-line message and the full traceback of a stage task's failure."""
+    """A one-line message and the traceback of a stage task's failure (both bounded and
+    redacted: an error may quote megabytes of a bad value, or a URI's credentials)."""
     import ray.exceptions as rex
 
     if isinstance(error, rex.RayTaskError):
@@ -596,11 +624,12 @@ def describe_failure(error: BaseException) -> tuple[str, str]:
         # A task's error raised again in the task that waited on it: name the first cause.
         while isinstance(cause, rex.RayTaskError) and cause.cause not in (None, cause):
             cause = cause.cause
-        message = f"{type(cause).__name__}: {cause}".splitlines()[0]
-        return message, _ANSI.sub("", str(error))
+        lines = f"{type(cause).__name__}: {cause}".splitlines()
+        return one_line(lines[0] if lines else type(cause).__name__), block(str(error))
     if isinstance(error, rex.WorkerCrashedError | rex.NodeDiedError | rex.ActorDiedError):
-        return f"the stage's Ray worker died ({type(error).__name__})", str(error)
-    return f"{type(error).__name__}: {error}", "".join(traceback.format_exception(error))
+        return f"the stage's Ray worker died ({type(error).__name__})", block(str(error))
+    message = one_line(f"{type(error).__name__}: {error}")
+    return message, block("".join(traceback.format_exception(error)))
 
 
 def run_pipeline(
@@ -622,14 +651,29 @@ def resume_run(
     Stages that succeeded keep their artifacts (verified again); the rest run.
 
     Raises:
-        FileNotFoundError: no such run.
+        RecordError: no such run, or its record or saved pipeline is damaged or they disagree.
         PipelineError: the saved pipeline no longer validates (a component was removed).
+        StorageError: the storage cannot be read or written.
     """
     store = Store(storage)
     record = load_record(store, run_id)
-    text = store.read_run_file(run_id, PIPELINE_FILE)
+    source = store.shown("runs", run_id, PIPELINE_FILE)
+    try:
+        text = store.read_run_file(run_id, PIPELINE_FILE, limit=spec_mod.MAX_FILE_BYTES)
+    except (TooLarge, UnicodeDecodeError) as e:
+        raise RecordError(source, None, f"damaged: {e}") from None
     if text is None:
-        raise FileNotFoundError(f"run {run_id!r} has no {PIPELINE_FILE} in {store.root}")
-    data = spec_mod.parse_yaml(text, f"{store.run_dir(run_id)}/{PIPELINE_FILE}")
-    pipeline = spec_mod.validate(data, record.source, tuple(record.overrides))
+        raise RecordError(source, None, "missing: the run cannot be resumed without it")
+    data = spec_mod.parse_yaml(text, source)
+    if isinstance(data, dict):
+        data["storage"] = storage  # saved without credentials; the record was found here
+    pipeline = spec_mod.validate(data, source, tuple(record.overrides))
+    saved = {name: stage.uses for name, stage in pipeline.stages.items()}
+    if {name: entry.uses for name, entry in record.stages.items()} != saved:
+        raise RecordError(
+            store.shown("runs", run_id, RUN_FILE),
+            "stages",
+            f"the record's stages ({', '.join(record.stages)}) are not those of its "
+            f"{PIPELINE_FILE} ({', '.join(pipeline.order)}) with the same components",
+        )
     return Runner(pipeline, address=address, record=record, **runner_options).run()

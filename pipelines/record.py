@@ -6,6 +6,11 @@ every transition sets the same fields everywhere. The record is rewritten after 
 (off the driver's critical path, by :class:`RecordWriter`), so a driver that dies leaves a
 record that ``raypipe resume`` can finish from.
 
+A record read back is checked whole (:meth:`RunRecord.from_json`): a truncated, mistyped or
+non-UTF-8 ``run.json`` is a :class:`RecordError` naming the file and key, never a traceback, and
+``raypipe runs`` lists it as damaged beside the others. What a record keeps of an error is
+bounded and redacted (:mod:`pipelines.guards`), as is every URI in it.
+
 This module knows nothing of Ray: the CLI, the report and tracking read records through it.
 """
 
@@ -15,15 +20,41 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+from pipelines.guards import (
+    CACHE_KEY,
+    COMPONENT_NAME,
+    PIPELINE_NAME,
+    RUN_ID,
+    STAGE_NAME,
+    InputError,
+    TooLarge,
+    block,
+    one_line,
+    quote,
+    redact,
+)
 
 if TYPE_CHECKING:  # the CLI imports this module; pyarrow only loads when a store is opened
     from pipelines.store import Store
 
 RUN_FILE, PIPELINE_FILE = "run.json", "pipeline.yaml"
+#: A run record read back holds at most this much (a record raypipe writes is far smaller:
+#: its errors and tracebacks are bounded).
+MAX_RECORD_BYTES = 32 << 20
+# Timestamps and durations are finite; names are checked apart (see _check_names).
+_RECORD_CONFIG = ConfigDict(allow_inf_nan=False)
+
+
+class RecordError(InputError):
+    """A run record that cannot be used: missing, damaged (not JSON, not UTF-8, truncated),
+    or holding a key of the wrong type; the message names the file and the key."""
 
 
 class Status(StrEnum):
@@ -56,6 +87,8 @@ class StageEntry:
         needs: the stages it depends on (the pipeline's edges, for the report's graph).
         config: the component's validated config, defaults filled in (for comparing runs).
     """
+
+    __pydantic_config__ = _RECORD_CONFIG  # how from_dict checks an entry read back
 
     uses: str
     status: Status = Status.PENDING
@@ -97,17 +130,18 @@ class StageEntry:
             timings = manifest["timings"]
             self.start, self.end = timings["start"], timings["end"]
             self.seconds = round(timings["seconds"], 3)
-        self.artifact = manifest["path"]
+        self.artifact = redact(manifest["path"])
         self.metrics = manifest.get("metrics", {})
 
     def mark_failed(self, message: str, trace: str | None) -> None:
-        """The stage's task raised or died."""
+        """The stage's task raised or died (its message and traceback kept bounded and
+        redacted, whatever the error held)."""
         self.status, self.end = Status.FAILED, time.time()
-        self.error, self.traceback = message, trace
+        self.error, self.traceback = one_line(message), None if trace is None else block(trace)
 
     def mark_skipped(self, reason: str) -> None:
         """The stage will not run: a stage it needs did not succeed."""
-        self.status, self.error = Status.SKIPPED, reason
+        self.status, self.error = Status.SKIPPED, one_line(reason)
 
     @property
     def elapsed(self) -> float | None:
@@ -120,15 +154,19 @@ class StageEntry:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StageEntry:
-        known = {f.name for f in fields(cls)}
-        entry = cls(**{k: v for k, v in data.items() if k in known})
-        entry.status = Status(entry.status)
-        return entry
+        """An entry from plain data (unknown keys ignored), checked like a whole record.
+
+        Raises:
+            RecordError: a key of the wrong type or a name that is not one.
+        """
+        return _validated(_STAGE, data, "<stage>", "")
 
 
 @dataclass
 class RunRecord:
     """What happened in one run; saved as ``runs/<run_id>/run.json``."""
+
+    __pydantic_config__ = _RECORD_CONFIG  # how from_json checks a record read back
 
     run_id: str
     pipeline: str
@@ -152,13 +190,28 @@ class RunRecord:
         return json.dumps(asdict(self), default=str)
 
     @classmethod
-    def from_json(cls, text: str) -> RunRecord:
-        data = json.loads(text)
-        record = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-        record.status = Status(record.status)
-        record.stages = {
-            name: StageEntry.from_dict(entry) for name, entry in (record.stages or {}).items()
-        }
+    def from_json(cls, text: str | bytes, source: str = RUN_FILE) -> RunRecord:
+        """A record from its saved JSON, checked whole: every key of its type (unknown keys
+        are ignored, missing ones take their defaults), names that are names, times finite.
+
+        Raises:
+            RecordError: not UTF-8, not JSON, or a key that does not check out, naming
+                ``source`` and the key.
+        """
+        try:
+            if isinstance(text, bytes):
+                text = text.decode("utf-8")
+            data = json.loads(text)
+        except UnicodeDecodeError as e:
+            raise RecordError(source, None, f"not UTF-8 ({e.reason} at byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise RecordError(
+                source, None, f"not JSON: {e.msg} (line {e.lineno}, column {e.colno})"
+            ) from None
+        except (RecursionError, ValueError) as e:  # nested too deep; a number too long
+            raise RecordError(source, None, f"not JSON ({one_line(e, 200)})") from None
+        record = _validated(_RECORD, data, source, "")
+        _check_names(record, source)
         return record
 
     @property
@@ -170,30 +223,78 @@ class RunRecord:
         return [name for name, entry in self.stages.items() if entry.status == status]
 
 
+_STAGE = TypeAdapter(StageEntry)
+_RECORD = TypeAdapter(RunRecord)
+
+
+def _validated(adapter: TypeAdapter, data: Any, source: str, prefix: str) -> Any:
+    """``data`` validated by ``adapter``; the first problem as a :class:`RecordError`."""
+    try:
+        return adapter.validate_python(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = ".".join(str(part) for part in (prefix, *first["loc"]) if part != "")
+        got = first.get("input")
+        shown = type(got).__name__ if isinstance(got, dict | list) else quote(got)
+        raise RecordError(source, key or None, f"{first['msg']} (got {shown})") from None
+
+
+def _check_names(record: RunRecord, source: str) -> None:
+    """Names are printed and used as path parts: each matches its pattern whole."""
+    checks = [("run_id", record.run_id, RUN_ID), ("pipeline", record.pipeline, PIPELINE_NAME)]
+    for name, entry in record.stages.items():
+        checks.append(("stages", name, STAGE_NAME))
+        checks.append((f"stages.{name}.uses", entry.uses, COMPONENT_NAME))
+        checks += [(f"stages.{name}.needs.{i}", n, STAGE_NAME) for i, n in enumerate(entry.needs)]
+        if entry.cache_key is not None:
+            checks.append((f"stages.{name}.cache_key", entry.cache_key, CACHE_KEY))
+    for key, value, pattern in checks:
+        if not pattern.fullmatch(value):
+            raise RecordError(source, key, f"not a valid name: {quote(value)}")
+
+
 def load_record(store: Store, run_id: str) -> RunRecord:
-    """Reads a run record.
+    """Reads and checks a run record.
 
     Raises:
-        FileNotFoundError: no run with that id in the store (the message names both).
+        RecordError: no run with that id in the store (the message names both), or its record
+            is damaged (the message names the file and the key).
     """
+    # A run id is one name: never a path that leaves the root, never a line break.
+    if not RUN_ID.fullmatch(run_id):
+        raise RecordError(store.shown_root, None, f"no run {quote(run_id)}: not a run id")
+    source = store.shown("runs", run_id, RUN_FILE)
     try:
-        text = store.read_run_file(run_id, RUN_FILE)
-    except ValueError:
-        text = None
-    if text is None:
-        raise FileNotFoundError(f"no run {run_id!r} in storage {store.root}")
-    return RunRecord.from_json(text)
+        data = store.read_run_file(run_id, RUN_FILE, limit=MAX_RECORD_BYTES, binary=True)
+    except TooLarge as e:
+        raise RecordError(source, None, f"damaged: {e}") from None
+    if data is None:
+        raise RecordError(store.shown_root, None, f"no run {quote(run_id)} in this storage")
+    record = RunRecord.from_json(data, source)
+    if record.run_id != run_id:
+        raise RecordError(source, "run_id", f"{quote(record.run_id)} is not this run's id")
+    return record
 
 
-def list_records(store: Store) -> list[RunRecord]:
-    """Every readable run record in the store, oldest first."""
-    records = []
+def read_records(store: Store) -> tuple[list[RunRecord], dict[str, str]]:
+    """Every run record in the store, oldest first, and why each damaged one cannot be read
+    (by run id): one damaged record never hides the others.
+
+    Raises:
+        StorageError: the storage itself cannot be listed.
+    """
+    records, damaged = [], {}
     for run_id in store.run_ids():
         try:
             records.append(load_record(store, run_id))
-        except (FileNotFoundError, json.JSONDecodeError, TypeError):
-            continue
-    return records
+        except InputError as e:  # damaged, or this one file unreadable
+            damaged[run_id] = str(e)
+    return records, damaged
+
+
+def list_records(store: Store) -> list[RunRecord]:
+    """Every readable run record in the store, oldest first (damaged ones left out)."""
+    return read_records(store)[0]
 
 
 def progress_file(store: Store, run_id: str, stage: str) -> Path:

@@ -20,9 +20,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from pipelines.guards import InputError, TooLarge, block
 from pipelines.record import PIPELINE_FILE, RUN_FILE, RunRecord, StageEntry, load_record
+from pipelines.spec import MAX_FILE_BYTES, parse_yaml
 from pipelines.store import Store
 
 REPORT_FILE = "report.html"
@@ -89,10 +89,10 @@ def _recover_needs(record: RunRecord, store: Store) -> None:
     the pipeline file saved beside the record."""
     if any(st.needs for st in record.stages.values()):
         return
-    text = store.read_run_file(record.run_id, PIPELINE_FILE)
-    try:
-        stages = (yaml.safe_load(text or "") or {}).get("stages")
-    except (yaml.YAMLError, AttributeError):
+    try:  # bounded and parsed safely (no alias bomb): the file is as hostile as the record
+        text = store.read_run_file(record.run_id, PIPELINE_FILE, limit=MAX_FILE_BYTES)
+        stages = (parse_yaml(text or "", PIPELINE_FILE) or {}).get("stages")
+    except (InputError, TooLarge, UnicodeDecodeError, AttributeError):
         return
     if not isinstance(stages, dict) or set(stages) != set(record.stages):
         return
@@ -322,10 +322,7 @@ def _stage_section(
 
 
 def _local(artifact: str | None, store: Store) -> Path | None:
-    if not artifact or not store.is_local:
-        return None
-    path = Path(artifact)
-    return path if path.is_dir() else None
+    return store.local_artifact(artifact) if artifact else None
 
 
 def _accounting(dataset: dict[str, Any]) -> str:
@@ -579,7 +576,8 @@ def _shown(value: Any) -> str:
 
 
 def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+    """A value as report text: bounded and redacted (guards.block), then escaped."""
+    return html.escape(block(value), quote=True)
 
 
 __all__ = [

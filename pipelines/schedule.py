@@ -62,10 +62,9 @@ class Ticks:
         if every is not None and every <= 0:
             raise ScheduleError("--every must be a positive number of seconds")
         if cron is not None:
-            from croniter import croniter
-
-            if not croniter.is_valid(cron) or len(cron.split()) != 5:
-                raise ScheduleError(f"not a 5-field cron expression: {cron!r}")
+            problem = spec_mod.cron_problem(cron)
+            if problem:
+                raise ScheduleError(problem)
         self.cron, self.every = cron, every
 
     def next_after(self, t: float) -> float:

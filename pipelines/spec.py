@@ -21,6 +21,7 @@ Every error is a :class:`PipelineError` naming the file and the key path
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from components import registry
 from components.api import Resources, StrictModel
+from pipelines.guards import (
+    PIPELINE_NAME,
+    STAGE_NAME,
+    InputError,
+    TooLarge,
+    clip,
+    quote,
+    read_bounded,
+    storage_problem,
+)
 
+#: A pipeline file, and all the overrides of one command together, hold at most this much.
 MAX_FILE_BYTES = 1 << 20
 MAX_ALIASES = 100
 # Values a file may hold once its aliases are expanded: few aliases can still nest into billions
@@ -39,18 +51,12 @@ MAX_ALIASES = 100
 # is validated, hashed into a cache key and saved with the run.
 MAX_NODES = 100_000
 MAX_DEPTH = 200
-STAGE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
 TOP_LEVEL_KEYS = ("name", "storage", "tracking", "schedule")
 STAGE_KEYS = ("uses", "needs", "with", "resources")
 
 
-class PipelineError(ValueError):
+class PipelineError(InputError):
     """A pipeline file (or an override) is invalid; the message names the file and key."""
-
-    def __init__(self, source: str, key: str | None, problem: str):
-        self.source, self.key, self.problem = source, key, problem
-        where = f"{source}: {key}" if key else source
-        super().__init__(f"{where}: {problem}")
 
 
 class StageSpec(BaseModel):
@@ -69,11 +75,26 @@ class PipelineSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    name: str = Field(pattern=rf"^{PIPELINE_NAME.pattern}$")
     storage: str = "./runs"
     tracking: str | None = None
     schedule: str | None = None
     stages: dict[str, StageSpec]
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, storage: str) -> str:
+        problem = storage_problem(storage)
+        if problem:
+            raise ValueError(problem)
+        return storage
+
+    @field_validator("tracking")
+    @classmethod
+    def _tracking(cls, tracking: str | None) -> str | None:
+        if tracking is not None and (not tracking.strip() or not tracking.isprintable()):
+            raise ValueError("a tracking URI is printable text, not empty (or leave it out)")
+        return tracking
 
     @field_validator("stages")
     @classmethod
@@ -174,16 +195,39 @@ class _SafeLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):  # type: ignore[override]
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            # A key is a name: `on:`, `no:`, `1:` or `2024-01-01:` as written, never the
+            # boolean, number or date YAML 1.1 would make of it (`on:` would be `True:`).
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag in _RESOLVED_KEY_TAGS:
+                key_node.tag = "tag:yaml.org,2002:str"
             key = self.construct_object(key_node, deep=True)
             if isinstance(key, list | dict):
                 continue  # unhashable keys are rejected by the validation that follows
             if key in seen:
-                raise yaml.YAMLError(
-                    f"duplicate key {key!r} at line {key_node.start_mark.line + 1} "
-                    f"(first at line {seen[key]})"
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {quote(key)} at line {key_node.start_mark.line + 1} "
+                    f"(first at line {seen[key]})",
+                    key_node.start_mark,
                 )
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
+
+
+_RESOLVED_KEY_TAGS = {
+    f"tag:yaml.org,2002:{name}" for name in ("bool", "int", "float", "null", "timestamp")
+}
+# Booleans are `true` and `false` (YAML 1.2), not YAML 1.1's yes/no/on/off/y/n too: a stage
+# named `on` or `needs: [yes]` means the name. (A boolean setting still takes "yes": the
+# config models read such strings as booleans.)
+_BOOL = "tag:yaml.org,2002:bool"
+_SafeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_SafeLoader.add_implicit_resolver(
+    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def _expanded(node: yaml.Node, seen: dict[int, tuple[int, int]], depth: int = 1) -> tuple[int, int]:
@@ -220,12 +264,47 @@ def _expanded(node: yaml.Node, seen: dict[int, tuple[int, int]], depth: int = 1)
     return size, height
 
 
-def parse_yaml(text: str, source: str) -> Any:
-    """Parses YAML safely (no object construction, no duplicate keys, no alias bombs)."""
+def parse_yaml(text: str, source: str, key: str | None = None) -> Any:
+    """Parses YAML safely (no object construction, no duplicate keys, no alias bombs).
+
+    Args:
+        text: the YAML.
+        source: the file it comes from, for errors.
+        key: the key its value is for (an override's), for errors; by default the key path
+            is read from the lines above the error.
+
+    Raises:
+        PipelineError: ``source: key path: invalid YAML at line L, column C: reason``.
+    """
     try:
         return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - _SafeLoader is a SafeLoader
     except yaml.YAMLError as e:
-        raise PipelineError(source, None, f"invalid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        if not isinstance(e, yaml.MarkedYAMLError) or mark is None:
+            raise PipelineError(source, key, f"invalid YAML: {e}") from None
+        reason = " ".join(str(p) for p in (e.context, e.problem) if p)
+        where = f"line {mark.line + 1}, column {mark.column + 1}"
+        if key is None:
+            key = _key_path_at(text, mark.line)
+        raise PipelineError(source, key, f"invalid YAML at {where}: {reason}") from None
+
+
+_KEY_LINE = re.compile(r"( *)(- +)?(\"[^\"]*\"|'[^']*'|[^\s#'\"\[\]{},&*!|>%@`-][^#]*?) *:(?:\s|$)")
+
+
+def _key_path_at(text: str, line: int) -> str | None:
+    """The key path (``stages.a.with``) of block-style YAML at ``line``, read from the
+    indentation of the keys above it: where a syntax error is, for its message."""
+    path: list[tuple[int, str]] = []
+    for raw in text.splitlines()[: line + 1]:
+        match = _KEY_LINE.match(raw)
+        if not match:
+            continue
+        indent = len(match[1]) + len(match[2] or "")
+        while path and path[-1][0] >= indent:
+            path.pop()
+        path.append((indent, match[3].strip("'\"")))
+    return ".".join(key for _, key in path) or None
 
 
 def read_pipeline_file(path: str | Path) -> dict[str, Any]:
@@ -236,16 +315,15 @@ def read_pipeline_file(path: str | Path) -> dict[str, Any]:
             mapping.
     """
     source = str(path)
-    p = Path(path)
     try:
-        size = p.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise PipelineError(
-                source, None, f"file is {size} bytes; pipeline files are limited to 1 MiB"
-            )
-        text = p.read_bytes().decode("utf-8")
-    except PipelineError:
-        raise
+        # Bounded for any kind of file: /dev/zero, a FIFO without a writer, a terminal.
+        text = read_bounded(path, MAX_FILE_BYTES).decode("utf-8")
+    except TooLarge as e:
+        held = f"is {e.size:,} bytes" if e.size is not None else "holds more than 1 MiB"
+        problem = f"file {held}; pipeline files are limited to 1 MiB"
+        raise PipelineError(source, None, problem) from None
+    except TimeoutError as e:
+        raise PipelineError(source, None, f"cannot read: {e}") from None
     except FileNotFoundError:
         raise PipelineError(source, None, "no such file") from None
     except IsADirectoryError:
@@ -256,20 +334,26 @@ def read_pipeline_file(path: str | Path) -> dict[str, Any]:
         ) from None
     except OSError as e:
         raise PipelineError(source, None, f"cannot read: {e.strerror}") from None
+    except ValueError as e:  # a NUL in the name
+        raise PipelineError(source, None, f"cannot read: {e}") from None
     data = parse_yaml(text, source)
     if not isinstance(data, dict):
         raise PipelineError(source, None, "expected a YAML mapping with `name` and `stages`")
     return data
 
 
-def parse_value(text: str) -> Any:
-    """Parses an override's value: numbers as numbers (``1e-3`` too), else as YAML."""
+def parse_value(text: str, source: str = "override", key: str | None = None) -> Any:
+    """Parses an override's value: numbers as numbers (``1e-3`` too), else as YAML.
+
+    Raises:
+        PipelineError: the value is not valid YAML (naming ``source`` and ``key``).
+    """
     for number in (int, float):
         try:
             return number(text)
         except ValueError:
             pass
-    return parse_yaml(text, "override") if text else ""
+    return parse_yaml(text, source, key) if text else ""
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
@@ -281,13 +365,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
     Raises:
         PipelineError: an override is malformed or names no stage or top-level key.
     """
+    size = sum(len(item.encode("utf-8", "replace")) for item in overrides)
+    if size > MAX_FILE_BYTES:
+        raise PipelineError(
+            source, "overrides", f"{size:,} bytes in all; overrides are limited to 1 MiB"
+        )
     data = yaml.safe_load(yaml.safe_dump(data))  # a deep copy made of plain types
     for item in overrides:
         key, sep, raw = item.partition("=")
         path = key.strip().split(".")
         if not sep or not all(path):
-            raise PipelineError(source, item, "an override is `stage.key=value` or `key=value`")
-        value = parse_value(raw)
+            raise PipelineError(
+                source, quote(item), "an override is `stage.key=value` or `key=value`"
+            )
+        value = parse_value(raw, source, key)
         if len(path) == 1:
             if path[0] not in TOP_LEVEL_KEYS:
                 raise PipelineError(
@@ -297,8 +388,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
             continue
         stages = data.get("stages")
         if not isinstance(stages, dict) or path[0] not in stages:
-            known = ", ".join(stages) if isinstance(stages, dict) else "none"
-            raise PipelineError(source, key, f"no stage named {path[0]!r} (stages: {known})")
+            known = _names(stages) if isinstance(stages, dict) else "none"
+            raise PipelineError(source, key, f"no stage named {quote(path[0])} (stages: {known})")
         target = stages[path[0]]
         rest = path[1:] if path[1] in STAGE_KEYS else ["with", *path[1:]]
         for part in rest[:-1]:
@@ -326,9 +417,7 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "missing":
         return "required key is missing"
     got = error.get("input")
-    shown = repr(got) if not isinstance(got, dict | list) else type(got).__name__
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
+    shown = quote(got) if not isinstance(got, dict | list) else type(got).__name__
     return f"{error['msg']} (got {shown})"
 
 
@@ -360,7 +449,7 @@ def _field_names(model: type, loc: tuple[Any, ...]) -> list[str]:
 def _check_graph(source: str, spec: PipelineSpec) -> list[str]:
     """Checks stage names and ``needs``; returns a topological order (file order kept)."""
     for name, stage in spec.stages.items():
-        if not STAGE_NAME.match(name):
+        if not STAGE_NAME.fullmatch(name):
             raise PipelineError(
                 source,
                 f"stages.{name}",
@@ -372,7 +461,7 @@ def _check_graph(source: str, spec: PipelineSpec) -> list[str]:
                 raise PipelineError(
                     source,
                     f"stages.{name}.needs.{i}",
-                    f"no stage named {need!r} (stages: {', '.join(spec.stages)})",
+                    f"no stage named {quote(need)} (stages: {_names(spec.stages)})",
                 )
             if need == name:
                 raise PipelineError(
@@ -400,15 +489,29 @@ def _check_graph(source: str, spec: PipelineSpec) -> list[str]:
     return order
 
 
-def _check_cron(source: str, expr: str) -> None:
-    from croniter import croniter
+def _names(names: Any) -> str:
+    """Names listed in a message (bounded: a file may hold thousands)."""
+    return clip(", ".join(str(n) for n in names), 200)
 
-    if not croniter.is_valid(expr) or len(expr.split()) != 5:
-        raise PipelineError(
-            source,
-            "schedule",
-            f"not a 5-field cron expression (minute hour day month weekday): {expr!r}",
-        )
+
+def cron_problem(expr: str) -> str | None:
+    """Why ``expr`` is not a usable schedule (None when it is): a 5-field cron expression
+    (minute hour day month weekday) that fires at least once."""
+    from croniter import CroniterBadDateError, croniter
+
+    if len(expr.split()) != 5 or not croniter.is_valid(expr):
+        return f"not a 5-field cron expression (minute hour day month weekday): {quote(expr)}"
+    try:
+        croniter(expr, dt.datetime(2000, 1, 1, tzinfo=dt.UTC)).get_next(float)
+    except (CroniterBadDateError, ValueError, OverflowError):
+        return f"the cron expression {quote(expr)} never fires (no such date)"
+    return None
+
+
+def _check_cron(source: str, expr: str) -> None:
+    problem = cron_problem(expr)
+    if problem:
+        raise PipelineError(source, "schedule", problem)
 
 
 def validate(data: Any, source: str = "<pipeline>", overrides: tuple[str, ...] = ()) -> Pipeline:

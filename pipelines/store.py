@@ -27,7 +27,18 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+
+from pipelines.guards import (
+    InputError,
+    TooLarge,
+    one_line,
+    read_bounded,
+    redact,
+    remember_secrets,
+    storage_problem,
+)
 
 MANIFEST = "manifest.json"
 CHUNK = 1 << 20
@@ -108,6 +119,19 @@ class ArtifactInvalid(Exception):
     """A stored artifact failed verification; the message says which file and why."""
 
 
+class StorageError(InputError):
+    """A storage root that cannot be used: an unknown scheme, an empty name, a location that
+    cannot be listed, read or written (a file, a read-only folder, an endpoint that does not
+    answer); the message names the root, credentials redacted."""
+
+
+def _reason(error: BaseException) -> str:
+    """Why a storage call failed, in a few words: the OS's reason, else the library's line."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return one_line(error, 300)
+
+
 def _stays_inside(rel: str) -> bool:
     """Whether a manifest's file name stays inside its artifact (no absolute path, no ``..``)."""
     parts = PurePosixPath(rel)
@@ -140,6 +164,12 @@ class Store:
 
     uri: str
 
+    def __post_init__(self) -> None:
+        problem = storage_problem(self.uri)
+        if problem:
+            raise StorageError(repr(self.uri), None, problem)
+        remember_secrets(self.uri)  # hidden wherever a library repeats them
+
     # --- where things live -------------------------------------------------------------
 
     @property
@@ -151,20 +181,70 @@ class Store:
         """The storage root: an absolute local path, or the URI as given."""
         return str(Path(self.uri).expanduser().resolve()) if self.is_local else self.uri.rstrip("/")
 
+    @property
+    def shown_root(self) -> str:
+        """The root as it may be shown or saved: a URI's credentials redacted."""
+        return redact(self.root)
+
+    def shown(self, *parts: str) -> str:
+        """A path or URI under the root as it may be shown or saved (see :meth:`join`)."""
+        return redact(self.join(*parts))
+
     def _fs(self) -> tuple[pafs.FileSystem, str]:
+        """The filesystem and base path of the root.
+
+        Raises:
+            StorageError: pyarrow cannot open the URI (unknown scheme, bad options...).
+        """
         if self.is_local:
             return pafs.LocalFileSystem(), self.root
-        return pafs.FileSystem.from_uri(self.uri)
+        try:
+            return pafs.FileSystem.from_uri(self.uri)
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise StorageError(self.shown_root, None, f"cannot open: {one_line(e)}") from None
+
+    def check_writable(self) -> None:
+        """Writes and removes a probe file under ``runs/`` (making the folders), so a root
+        that cannot be written fails here, before a run writes anything.
+
+        Raises:
+            StorageError: a regular file in the way, a read-only folder, an endpoint that does
+                not answer (after the filesystem's own retries).
+        """
+        probe = f".write-probe-{uuid.uuid4().hex[:8]}"
+        try:
+            if self.is_local:
+                runs = Path(self.root) / "runs"
+                runs.mkdir(parents=True, exist_ok=True)
+                (runs / probe).write_bytes(b"")
+                (runs / probe).unlink()
+                return
+            fs, base = self._fs()
+            if fs.type_name in ("local", "hdfs"):  # object stores have no folders to make
+                fs.create_dir(f"{base}/runs", recursive=True)
+            with fs.open_output_stream(f"{base}/runs/{probe}") as f:
+                f.write(b"")
+            fs.delete_file(f"{base}/runs/{probe}")
+        except (pa.ArrowException, OSError) as e:
+            raise StorageError(self.shown_root, None, f"cannot write here: {_reason(e)}") from None
 
     def join(self, *parts: str) -> str:
-        """A path or URI under the root; each part must stay inside it."""
+        """A path or URI under the root; each part must stay inside it. A URI's query
+        (``?endpoint_override=...``) stays at its end."""
         for part in parts:
             p = PurePosixPath(part)
             if p.is_absolute() or ".." in p.parts:
                 raise ValueError(f"storage path {part!r} would leave the storage root")
-        return "/".join([self.root, *parts])
+        if self.is_local:
+            return "/".join([self.root, *parts])
+        base, sep, query = self.root.partition("?")
+        return "/".join([base.rstrip("/"), *parts]) + sep + query
 
     def artifact_rel(self, component: str, key: str) -> str:
+        """``artifacts/<component>/<key>``; each part a single name (never ``..`` or ``a/b``)."""
+        for part in (component, key):
+            if not part or "/" in part or "\\" in part or part in (".", ".."):
+                raise ValueError(f"artifact path part {part!r} is not a single name")
         return f"artifacts/{component}/{key}"
 
     def scratch(self, key: str) -> str:
@@ -209,13 +289,14 @@ class Store:
         files = list_files(out_dir)
         files.pop(MANIFEST, None)
         manifest = {**manifest, "files": files, "digest": files_digest(files)}
-        manifest["path"] = self.join(self.artifact_rel(component, key))
+        where = self.join(self.artifact_rel(component, key))
+        manifest["path"] = redact(where)  # a record of where it is, not a credential
         # No fsync: an artifact is trusted only after its files pass their sha256 (verify), so
         # even a power cut that tore a file is caught and the stage recomputed.
         text = json.dumps(manifest, indent=1, sort_keys=True)
         atomic_write_text(out_dir / MANIFEST, text, durable=False)
         if self.is_local:
-            final = Path(manifest["path"])
+            final = Path(where)
             final.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.rename(out_dir, final)
@@ -306,6 +387,18 @@ class Store:
                 continue  # verify() reports the missing file
         return local
 
+    def local_artifact(self, path: str) -> Path | None:
+        """A run record's artifact path as a folder on this machine, or None when it is not
+        one inside this store's ``artifacts/`` (a record cannot point readers elsewhere)."""
+        if not self.is_local:
+            return None
+        try:
+            found = Path(path).resolve()
+        except (OSError, ValueError, RuntimeError):
+            return None
+        inside = found.is_relative_to(Path(self.root).resolve() / "artifacts")
+        return found if inside and found.is_dir() else None
+
     def discard(self, component: str, key: str) -> None:
         """Removes a (broken) published artifact so it can be produced again."""
         fs, base = self._fs()
@@ -337,20 +430,46 @@ class Store:
         with fs.open_output_stream(f"{base}/runs/{run_id}/{name}") as f:
             f.write(text.encode())
 
-    def read_run_file(self, run_id: str, name: str) -> str | None:
-        fs, base = self._fs()
-        self.join("runs", run_id)  # rejects ids that would leave the root
+    def read_run_file(
+        self, run_id: str, name: str, limit: int = 32 << 20, binary: bool = False
+    ) -> str | bytes | None:
+        """A file of a run's directory (at most ``limit`` bytes), or None if there is none.
+
+        Raises:
+            ValueError: a run id that would leave the storage root.
+            TooLarge: the file holds more than ``limit`` bytes.
+            StorageError: it exists but cannot be read.
+            UnicodeDecodeError: not UTF-8 (unless ``binary``).
+        """
+        where = self.join("runs", run_id, name)  # rejects ids that would leave the root
         try:
-            with fs.open_input_stream(f"{base}/runs/{run_id}/{name}") as f:
-                return f.read().decode()
-        except (FileNotFoundError, OSError):
+            if self.is_local:
+                # Bounded, and never blocked: the file may be a FIFO or a device.
+                data = read_bounded(where, limit)
+            else:
+                fs, base = self._fs()
+                with fs.open_input_stream(f"{base}/runs/{run_id}/{name}") as f:
+                    data = f.read(limit + 1)
+                if len(data) > limit:
+                    raise TooLarge(limit, None)
+        except (FileNotFoundError, NotADirectoryError):
             return None
+        except (pa.ArrowException, OSError) as e:
+            raise StorageError(
+                self.shown("runs", run_id, name), None, f"cannot read: {_reason(e)}"
+            ) from None
+        return data if binary else data.decode()
 
     def run_ids(self) -> list[str]:
-        """Every run id in the store, oldest first (ids start with a timestamp)."""
+        """Every run id in the store, oldest first (ids start with a timestamp).
+
+        Raises:
+            StorageError: the storage cannot be listed (not a folder, an endpoint that does
+                not answer...).
+        """
         fs, base = self._fs()
         try:
             infos = fs.get_file_info(pafs.FileSelector(f"{base}/runs", allow_not_found=True))
-        except OSError:
-            return []
+        except (pa.ArrowException, OSError) as e:
+            raise StorageError(self.shown_root, None, f"cannot list runs: {_reason(e)}") from None
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)

@@ -4,7 +4,10 @@ and its plots and small JSON files as artifacts.
 
 The driver logs each stage as it finishes, so components know nothing of MLflow. Tracking is a
 record of the run, not part of it: if the tracking store fails, the run goes on and the error
-is kept in the run record.
+is kept in the run record. A tracking server is asked once, with a short timeout, before the run
+uses it, and MLflow's own requests are bounded (timeout and retries), so a server that does not
+answer costs seconds, not the minutes of MLflow's defaults. What is logged (params, tags) is
+redacted: a URI in a config never shows its credentials in MLflow.
 """
 
 from __future__ import annotations
@@ -13,15 +16,57 @@ import json
 import logging
 import os
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+from pipelines.guards import one_line, redact, redact_uri
 from pipelines.record import StageEntry, Status
 
 MAX_PARAM_CHARS = 6000
 MAX_STEP_METRICS = 20_000
 ARTIFACT_SUFFIXES = (".png", ".json")
 ARTIFACT_MAX_BYTES = 5 << 20
+#: Seconds a tracking server has to answer the first request before tracking is turned off.
+CONNECT_TIMEOUT_S = 5.0
+#: MLflow's HTTP requests in this process (unless set in the environment): seconds per
+#: request and retries, instead of 120 s and 7 retries with backoff (minutes per call).
+MLFLOW_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "15", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server did not answer in time."""
+
+
+def check_answers(uri: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Asks an MLflow server (``http``/``https`` URIs; others are local or a database) for
+    ``/health``: any HTTP answer will do, silence for ``timeout`` seconds will not.
+
+    Raises:
+        TrackingUnavailable: no answer (refused, unreachable, or silent), named redacted.
+    """
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    # Without userinfo (urllib does not take it) and without its query: any answer counts.
+    health = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
+    try:
+        with urllib.request.urlopen(health, timeout=timeout):  # noqa: S310 - http(s) only
+            return
+    except urllib.error.HTTPError:
+        return  # it answered (401, 404...): MLflow's own calls say what is wrong
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise TrackingUnavailable(
+            f"the tracking server {redact_uri(uri)} did not answer within {timeout:g} s "
+            f"({one_line(reason, 200)})"
+        ) from None
 
 
 class Tracker:
@@ -35,6 +80,9 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str, artifact_root: str | None = None):
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        for name, value in MLFLOW_HTTP_LIMITS.items():
+            os.environ.setdefault(name, value)
+        check_answers(uri)
         from mlflow import MlflowClient
 
         for name in ("alembic", "mlflow"):  # schema migrations and notices are not our output
@@ -69,7 +117,7 @@ class Tracker:
             tags={"raypipe.run_id": run_id, "raypipe.pipeline": pipeline},
         )
         self.parent_id = run.info.run_id
-        params = [Param("overrides", " ".join(overrides)[:MAX_PARAM_CHARS])] if overrides else []
+        params = [Param("overrides", _shown(" ".join(overrides)))] if overrides else []
         self.client.log_batch(self.parent_id, params=params, tags=[RunTag("raypipe.kind", "run")])
         return self.parent_id
 
@@ -93,9 +141,9 @@ class Tracker:
         if manifest is not None:
             flat = _flatten(manifest.get("config", {}))
             flat.update(_flatten(manifest.get("resources") or {}, "resources."))
-            params = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in sorted(flat.items())]
+            params = [Param(k, _shown(v)) for k, v in sorted(flat.items())]
             tags = [
-                RunTag("raypipe.artifact", str(manifest.get("path", ""))),
+                RunTag("raypipe.artifact", _shown(manifest.get("path", ""))),
                 RunTag("raypipe.cache_key", str(manifest.get("cache_key", ""))),
                 RunTag("raypipe.component_version", str(manifest.get("version", ""))),
             ]
@@ -107,7 +155,7 @@ class Tracker:
         if artifact_dir is not None and (artifact_dir / "history.jsonl").is_file():
             metrics += _history_metrics(artifact_dir / "history.jsonl")
         if entry.error:
-            tags.append(RunTag("raypipe.error", entry.error[:5000]))
+            tags.append(RunTag("raypipe.error", _shown(entry.error, 5000)))
         # log_batch takes at most 100 params, 1000 metrics and 100 tags a call.
         for chunk in _chunks(params, 100):
             self.client.log_batch(child, params=chunk)
@@ -130,6 +178,11 @@ class Tracker:
         if self.parent_id is not None:
             state = "FINISHED" if status == Status.SUCCEEDED else "FAILED"
             self.client.set_terminated(self.parent_id, status=state)
+
+
+def _shown(value: Any, limit: int = MAX_PARAM_CHARS) -> str:
+    """A param or tag value as MLflow may keep it: redacted, then cut to ``limit``."""
+    return redact(str(value))[:limit]
 
 
 def _chunks(items: list, size: int) -> list[list]:

@@ -13,6 +13,12 @@ from pydantic import Field, field_validator, model_validator
 
 from components.api import StrictModel
 
+#: The most classes a classification source may have (given or inferred from its labels). Work
+#: and memory downstream grow with it (class-name lists, the split's strata, a confusion
+#: matrix of C x C counts), so a number read from a file or a config is checked against it
+#: before anything is sized by it.
+MAX_CLASSES = 10_000
+
 CIFAR10_CLASSES = (
     "airplane",
     "automobile",
@@ -46,7 +52,7 @@ class MnistIdxSource(StrictModel):
     kind: Literal["mnist_idx"]
     images: list[str] = Field(min_length=1)
     labels: list[str] = Field(min_length=1)
-    num_classes: int = Field(10, ge=1, le=256)
+    num_classes: int = Field(10, ge=1, le=MAX_CLASSES)
     class_names: list[str] | None = None
 
     @model_validator(mode="after")
@@ -97,11 +103,6 @@ class ImageFolderSource(StrictModel):
     max_pixels: int = Field(50_000_000, ge=1)
 
 
-#: The most classes a classification source may have (given or inferred from its labels). Work
-#: and memory downstream grow with it (class-name lists, the split's strata, a confusion
-#: matrix of C x C counts), so a number read from a file or a config is checked against it
-#: before anything is sized by it.
-MAX_CLASSES = 10_000
 #: The most distinct values a categorical column may hold (``max_levels`` may raise it).
 MAX_LEVELS = 100_000
 PACKAGE_NAME = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
@@ -256,9 +257,11 @@ class AugmentConfig(StrictModel):
         shift: maximum translation as a fraction of the width/height.
         zoom: maximum relative zoom (scale uniform in [1 - zoom, 1 + zoom]).
         shear: maximum shear in degrees.
-        noise: standard deviation of Gaussian pixel noise, on the [0, 1] pixel scale.
+        noise: standard deviation of Gaussian pixel noise, on the [0, 1] pixel scale (at most
+            1: more is noise alone).
         jitter: standard deviation of Gaussian noise added to normalized numeric tabular
-            features; tabular copies are made only when it is positive.
+            features (at most 100, so float32 features stay finite); tabular copies are made
+            only when it is positive.
         seed: seeds every row's draw, together with the row's id and copy number.
     """
 
@@ -268,8 +271,8 @@ class AugmentConfig(StrictModel):
     shift: float = Field(0.0, ge=0.0, lt=1.0)
     zoom: float = Field(0.0, ge=0.0, lt=1.0)
     shear: float = Field(0.0, ge=0.0, lt=90.0)
-    noise: float = Field(0.0, ge=0.0)
-    jitter: float = Field(0.0, ge=0.0)
+    noise: float = Field(0.0, ge=0.0, le=1.0)
+    jitter: float = Field(0.0, ge=0.0, le=100.0)
     seed: int = 0
 
 

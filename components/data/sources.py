@@ -32,7 +32,15 @@ from components.data.config import (
     SklearnDiabetesSource,
     SklearnDigitsSource,
 )
-from components.data.table import MISSING_REASONS, category_text, parse_numeric, quote
+from components.data.table import MISSING_REASONS, category_text, parse_numeric
+from pipelines.guards import quote
+
+#: Records an IDX file may declare beyond those it holds: a file cut short loses a few (each
+#: quarantined as truncated); a header declaring billions in a small file is refused, so no
+#: loop or task list grows with a number the file states but does not hold.
+MAX_MISSING_RECORDS = 10_000
+#: What a gzip stream can expand to per compressed byte (deflate's limit is about 1032).
+GZIP_MAX_RATIO = 1100
 
 #: Every reason a row can be quarantined for, in the order reports list them.
 REASONS = (
@@ -315,11 +323,26 @@ def _read_records(path: str, offset: int, record: int, start: int, stop: int) ->
     return b"".join(parts)
 
 
+def _check_declared(path: str, header: int, declared: int, record: int) -> None:
+    """Refuses an IDX header that declares far more records than its file can hold."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    most = size * GZIP_MAX_RATIO if gz else max(size - header, 0)
+    held = most // max(record, 1)
+    if declared > held + MAX_MISSING_RECORDS:
+        bound = "at most " if gz else ""
+        raise SourceError(
+            f"{path}: the header declares {declared:,} records of {record:,} bytes; the file "
+            f"({size:,} bytes) holds {bound}{held:,}"
+        )
+
+
 def _plan_idx(source: MnistIdxSource, chunk_rows: int) -> tuple[SourceInfo, list[Unit]]:
     shape = None
     units = []
     for img_path, lbl_path in zip(source.images, source.labels, strict=True):
-        dtype, dims, _ = _idx_header(img_path)
+        dtype, dims, header = _idx_header(img_path)
         if dtype != "u1" or len(dims) not in (3, 4):
             raise SourceError(
                 f"{img_path}: IDX images must be unsigned bytes of shape (N, H, W) or "
@@ -332,12 +355,14 @@ def _plan_idx(source: MnistIdxSource, chunk_rows: int) -> tuple[SourceInfo, list
         if shape is not None and this != shape:
             raise SourceError(f"{img_path}: image shape {this} differs from {shape}")
         shape = this
-        ldtype, ldims, _ = _idx_header(lbl_path)
+        ldtype, ldims, lheader = _idx_header(lbl_path)
         if ldtype != "u1" or len(ldims) != 1:
             raise SourceError(
                 f"{lbl_path}: IDX labels must be unsigned bytes of shape (N,); "
                 f"got dtype {ldtype} and shape {ldims}"
             )
+        _check_declared(img_path, header, dims[0], c * dims[1] * dims[2])
+        _check_declared(lbl_path, lheader, ldims[0], 1)
         units += [Unit([img_path, lbl_path], s, e) for s, e in _ranges(dims[0], chunk_rows)]
     names = source.class_names or [str(i) for i in range(source.num_classes)]
     info = SourceInfo("image", shape, 255.0, source.num_classes, names)
@@ -854,7 +879,7 @@ def _table_chunk(
         col = bad_column[i]
         raw, raw_label = _cell(columns[col], i), _cell(columns[target], i)
         label = None if raw_label is None or raw_label == "" else str(raw_label)[:200]
-        detail = f"column {col!r}: {quote(raw)}"
+        detail = f"column {quote(col, 40)}: {quote(raw)}"
         if reason[i] == "label_out_of_range":
             detail += f" not in [0, {high})" + ("" if info.num_classes else " (num_classes)")
         rejects.append(Reject(path, int(base + i + first_row), reason[i], detail, label))

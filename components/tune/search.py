@@ -35,6 +35,8 @@ RESULTS_FILE = "results.parquet"
 BEST_FILE = "best_config.json"
 CHECKPOINT_DIR = "checkpoint"
 TRIAL_DRIVER_MEMORY = 256 * 1024**2
+#: Trials one search may sample: Tune keeps every trial's state in the driver.
+MAX_SAMPLES = 10_000
 
 
 class SearchConfig(StrictModel):
@@ -46,7 +48,7 @@ class SearchConfig(StrictModel):
         search: ``random`` sampling, ``grid`` (every dimension a ``grid``: runs exactly the
             grid) or ``optuna`` (Optuna's TPE, model-based; no ``grid`` dimensions).
         samples: trials to sample (``random``, ``optuna``; default 8) or passes over the grid
-            (``grid``; default 1).
+            (``grid``; default 1); at most ``MAX_SAMPLES``.
         space: the searched ``with:`` keys of the trainable (see ``components/tune/space.py``).
         scheduler: ``asha`` stops poor trials at epoch milestones; ``fifo`` runs all to the end.
         grace_period: epochs every trial runs before ASHA may stop it.
@@ -65,7 +67,7 @@ class SearchConfig(StrictModel):
     trainable: str = "vision.train"
     train: dict[str, Any] = Field(default_factory=dict)
     search: Literal["random", "grid", "optuna"] = "random"
-    samples: int | None = Field(None, ge=1)
+    samples: int | None = Field(None, ge=1, le=MAX_SAMPLES)
     space: dict[str, Any]
     scheduler: Literal["asha", "fifo"] = "asha"
     grace_period: int = Field(1, ge=1)
@@ -131,6 +133,17 @@ class SearchConfig(StrictModel):
             if value not in reported:
                 raise ValueError(f"not reported every epoch; one of: {', '.join(reported)}")
         return value
+
+    @model_validator(mode="after")
+    def _bounded_trials(self) -> SearchConfig:
+        grids = [len(dim["grid"]) for dim in self.space.values() if dim.get("grid")]
+        trials = self.num_samples() * math.prod(grids)
+        if trials > MAX_SAMPLES:
+            raise ValueError(
+                f"{trials:,} trials (samples x every grid's values); a search runs at most "
+                f"{MAX_SAMPLES:,}"
+            )
+        return self
 
     def dimensions(self) -> dict[str, Dimension]:
         return {key: Dimension.model_validate(dim) for key, dim in self.space.items()}

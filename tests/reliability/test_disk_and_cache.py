@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+from reliability_helpers import tmpfs
 
 from pipelines import engine, spec
 from pipelines.store import Store
@@ -33,19 +33,8 @@ def small_disk(tmp_path):
     """A 4 MiB tmpfs at ``tmp_path/disk``; unmounted at the end."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting a small tmpfs needs root")
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES},mode=0755", "raypipe-full", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
-    try:
+    with tmpfs(mount, f"size={DISK_BYTES},mode=0755", "raypipe-full"):
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 def fill(disk: Path, leave: int) -> Path:

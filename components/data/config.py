@@ -190,14 +190,16 @@ class CsvSource(_TabularSource):
     one task (a quoted field may span lines)."""
 
     kind: Literal["csv"]
-    delimiter: str = Field(",", min_length=1, max_length=1)
+    delimiter: str = ","
 
     @field_validator("delimiter")
     @classmethod
-    def _one_separator(cls, value: str) -> str:
-        if value in ('"', "\n", "\r"):
-            raise ValueError(f"{value!r} cannot separate CSV fields; use e.g. ',', ';' or a tab")
-        return value
+    def _one_character(cls, delimiter: str) -> str:
+        # pandas reads longer separators as regular expressions and an empty one as an error
+        # of its own; a line break or a quote would split rows or fields wrongly.
+        if len(delimiter) != 1 or delimiter in '\r\n"':
+            raise ValueError("a delimiter is one character, not a line break or a quote")
+        return delimiter
 
 
 class ParquetSource(_TabularSource):

@@ -602,7 +602,8 @@ def _tabular_columns(
     number or a category can be read from."""
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
-        raise SourceError(f"{path}: duplicate column name(s) {duplicated}")
+        shown = ", ".join(quote(n, 40) for n in duplicated[:20])
+        raise SourceError(f"{path}: duplicate column name(s) {shown}")
     wanted = [source.label_column, *(source.feature_columns or []), *source.categorical_columns]
     missing = [c for c in wanted if c not in names]
     if missing:
@@ -619,15 +620,15 @@ def _tabular_columns(
     for c in [source.label_column, *features] if types else []:
         if _arrow_kind(types[c]) is None:
             raise SourceError(
-                f"{path}: column {c!r} holds {types[c]}; a feature or label must be a number "
-                "or a string"
+                f"{path}: column {quote(c, 40)} holds {types[c]}; a feature or label must be a"
+                " number or a string"
             )
     numeric = [c for c in features if c not in source.categorical_columns]
     return numeric, [c for c in features if c in source.categorical_columns]
 
 
 def _names(names: list[str], limit: int = 20) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
+    shown = ", ".join(quote(n, 40) for n in names[:limit])  # a name may be megabytes
     return f"[{shown}{', ...' if len(names) > limit else ''}] ({len(names)} columns)"
 
 

@@ -29,6 +29,7 @@ COMPONENTS: dict[str, str] = {
     "rl.ddpg": "components.rl.ddpg:DDPGStage",
     "tune.search": "components.tune.search:TuneSearch",
     "tune.evaluate": "components.tune.evaluate:TuneEvaluate",
+    "serve.deploy": "components.serve.deploy:ServeDeploy",
 }
 
 PLUGINS_ENV = "RAYPIPE_COMPONENTS"

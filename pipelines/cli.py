@@ -452,13 +452,17 @@ def serve(
         return
     from pipelines.engine import ensure_ray
 
-    started = ensure_ray(_ray_address(ray_address, None), log_to_driver=ray_address is None)
+    ray_address = _ray_address(ray_address, None)
+    ensure_ray(ray_address, log_to_driver=ray_address is None)
+    # Serve lives as long as the Ray it runs on: an embedded Ray is this process's (serve
+    # until Ctrl-C), a cluster's outlives it (deploy and return).
+    embedded = ray_address is None
     from components.serve.deploy import deploy
 
     try:
         deployed = deploy(model, settings)
     except (LookupError, FileNotFoundError, ValueError, RuntimeError) as e:
-        _stop_serving(started)
+        _stop_serving(embedded)
         raise _fail(str(e), code=1) from None
     version = f" version {deployed['version']}" if deployed["version"] else ""
     typer.echo(f"serving {deployed['model']}{version} at {deployed['url']}")
@@ -467,7 +471,7 @@ def serve(
     )
     if deployed["follows"]:
         typer.echo(f"  following the alias: checked every {settings.follow_every_s:g}s")
-    if not started:
+    if not embedded:
         typer.echo(
             f"  it runs on the cluster until deleted: `serve delete {deployed['app']}` "
             "(or `serve shutdown`)"
@@ -478,7 +482,7 @@ def serve(
         return
     typer.echo("  stop: Ctrl-C")
     _serve_until_stopped()
-    _stop_serving(started)
+    _stop_serving(embedded)
 
 
 def _served_model(model: str, storage: str) -> str:
@@ -510,13 +514,14 @@ def _serve_until_stopped() -> None:
         typer.echo("stopping")
 
 
-def _stop_serving(started: bool) -> None:
-    if not started:
-        return
+def _stop_serving(embedded: bool) -> None:
+    """Stops Serve with the embedded Ray; on a cluster only disconnects (what runs there
+    stays)."""
     import ray
     from ray import serve
 
-    serve.shutdown()
+    if embedded:
+        serve.shutdown()
     ray.shutdown()
 
 

@@ -290,6 +290,7 @@ def test_the_cli_serves_a_runs_generator_beside_it(served):
     r = post(f"{vae}/sample", json={"n": 3, "label": "7", "format": "json", "seed": 1})
     assert r.status_code == 200, r.text
     from components.bundle import load_model
+    from components.serve.settings import Limits  # the CLI's application: default limits
 
     expected = load_model(served["art"]["vae"]).sample(3, 7, 1)
     np.testing.assert_allclose(np.asarray(r.json()["images"]), expected, atol=1e-5)
@@ -298,7 +299,7 @@ def test_the_cli_serves_a_runs_generator_beside_it(served):
     for body, status, fragment in [
         ({"n": 1, "label": "cat"}, 422, "unknown label 'cat'"),
         ({"n": 1, "label": 10}, 422, "unknown label 10"),
-        ({"n": 9}, 422, "at most 8"),
+        ({"n": Limits().max_samples + 1}, 422, f"at most {Limits().max_samples}"),
         ({"n": 0}, 422, "n:"),
         ({"n": 1, "color": "red"}, 422, "color"),
     ]:

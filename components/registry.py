@@ -30,6 +30,7 @@ COMPONENTS: dict[str, str] = {
     "tabular.mlp": "components.tabular.mlp:MLPStage",
     "tune.search": "components.tune.search:TuneSearch",
     "tune.evaluate": "components.tune.evaluate:TuneEvaluate",
+    "serve.deploy": "components.serve.deploy:ServeDeploy",
 }
 
 PLUGINS_ENV = "RAYPIPE_COMPONENTS"

@@ -456,6 +456,201 @@ def sample(
         raise _fail(str(e)) from None
 
 
+# --- serving (issue 19) ---------------------------------------------------------------------
+
+
+@app.command(
+    help="Serves a model over HTTP with Ray Serve: MODEL is RUN_ID/STAGE, models:/NAME@ALIAS "
+    "(the application follows the alias: a gate that moves `champion` is served by itself), "
+    "models:/NAME/VERSION, or a model artifact's folder. Endpoints follow the model: POST "
+    "/predict, /act, /sample or /generate; GET /healthz, /model, /docs. Without an address it "
+    "runs here until Ctrl-C; with --ray-address or --address it deploys onto that cluster "
+    "(detached) and returns."
+)
+def serve(
+    model: Annotated[str, typer.Argument(help="RUN_ID/STAGE, models:/NAME@ALIAS, ...")],
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML file of serving settings.")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on [127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on [8000].")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Application name [the registered model's name].")
+    ] = None,
+    route_prefix: Annotated[str | None, typer.Option(help="Where the endpoints live [/].")] = None,
+    replicas: Annotated[int | None, typer.Option(help="Replicas [1].")] = None,
+    min_replicas: Annotated[
+        int | None, typer.Option(help="Autoscale from this many replicas (with --max-replicas).")
+    ] = None,
+    max_replicas: Annotated[int | None, typer.Option(help="Autoscale up to this many.")] = None,
+    cpus: Annotated[
+        float | None, typer.Option("--cpus-per-replica", help="CPUs per replica [1].")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="Torch threads per replica [its CPUs].")
+    ] = None,
+    max_batch_size: Annotated[
+        int | None, typer.Option(help="Requests batched into one forward pass [32].")
+    ] = None,
+    batch_wait_ms: Annotated[
+        float | None, typer.Option(help="How long a batch waits to fill [5 ms].")
+    ] = None,
+    tracking: Annotated[
+        str | None,
+        typer.Option(
+            "--tracking",
+            help="MLflow tracking URI of models:/ names [$MLFLOW_TRACKING_URI, else "
+            "sqlite:///STORAGE/mlflow.db].",
+        ),
+    ] = None,
+    storage: StorageOpt = DEFAULT_STORAGE,
+    ray_address: RayAddressOpt = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            help="Deploy through the cluster's Jobs API (http://HEAD:8265): a job deploys the "
+            "application and ends; the application stays.",
+        ),
+    ] = None,
+    settings_json: Annotated[str | None, typer.Option("--settings-json", hidden=True)] = None,
+) -> None:
+    from components.serve import settings as serve_settings
+
+    flags = {
+        "host": host,
+        "port": port,
+        "name": name,
+        "route_prefix": route_prefix,
+        "replicas": replicas,
+        "cpus_per_replica": cpus,
+        "threads": threads,
+        "max_batch_size": max_batch_size,
+        "batch_wait_ms": batch_wait_ms,
+        "tracking_uri": tracking or os.environ.get("MLFLOW_TRACKING_URI"),
+    }
+    try:
+        data = json.loads(settings_json) if settings_json else {}
+        if config is not None:
+            data = serve_settings.read_settings(config).model_dump(exclude_unset=True)
+        if min_replicas is not None or max_replicas is not None:
+            bounds = {"min_replicas": min_replicas, "max_replicas": max_replicas}
+            scaling = {**(data.get("autoscaling") or {}), **bounds}
+            data["autoscaling"] = {k: v for k, v in scaling.items() if v is not None}
+        settings = serve_settings.settings_from(data, flags, where=str(config or "flags"))
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    model = _served_model(model, storage)
+    if settings.tracking_uri is None and model.startswith("models:/"):
+        from pipelines.engine import default_tracking_uri
+        from pipelines.store import Store
+
+        tracking_uri = default_tracking_uri(Store(storage))
+        if tracking_uri is None:
+            raise _fail(f"--tracking is needed for {model}: storage {storage} is not local")
+        settings = settings.model_copy(update={"tracking_uri": tracking_uri})
+    if address is not None:
+        _serve_through_jobs(model, settings, address)
+        return
+    from pipelines.engine import ensure_ray
+
+    ray_address = _ray_address(ray_address, None)
+    ensure_ray(ray_address, log_to_driver=ray_address is None)
+    # Serve lives as long as the Ray it runs on: an embedded Ray is this process's (serve
+    # until Ctrl-C), a cluster's outlives it (deploy and return).
+    embedded = ray_address is None
+    from components.serve.deploy import deploy
+
+    try:
+        deployed = deploy(model, settings)
+    except (LookupError, FileNotFoundError, ValueError, RuntimeError) as e:
+        _stop_serving(embedded)
+        raise _fail(str(e), code=1) from None
+    version = f" version {deployed['version']}" if deployed["version"] else ""
+    typer.echo(f"serving {deployed['model']}{version} at {deployed['url']}")
+    typer.echo(
+        f"  POST {deployed['url']}{deployed['endpoint']}   GET /model /healthz   docs: /docs"
+    )
+    if deployed["follows"]:
+        typer.echo(f"  following the alias: checked every {settings.follow_every_s:g}s")
+    if not embedded:
+        typer.echo(
+            f"  it runs on the cluster until deleted: `serve delete {deployed['app']}` "
+            "(or `serve shutdown`)"
+        )
+        import ray
+
+        ray.shutdown()  # disconnects; the application is the cluster's
+        return
+    typer.echo("  stop: Ctrl-C")
+    _serve_until_stopped()
+    _stop_serving(embedded)
+
+
+def _served_model(model: str, storage: str) -> str:
+    """A model name the server resolves (models:/..., or a folder) from MODEL."""
+    if model.startswith("models:/") or Path(model).is_dir():
+        return model if model.startswith("models:/") else str(Path(model).resolve())
+    run_id, sep, stage = model.partition("/")
+    if not sep or not stage:
+        raise _fail(
+            f"{model}: expected RUN_ID/STAGE, models:/NAME@ALIAS, models:/NAME/VERSION or a "
+            "model artifact's folder"
+        )
+    trained = _stage_model(storage, run_id, stage, "bundle", "serve")
+    return str(trained.bundle.path)
+
+
+def _serve_until_stopped() -> None:
+    import signal
+    import time
+
+    def stop(_signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        typer.echo("stopping")
+
+
+def _stop_serving(embedded: bool) -> None:
+    """Stops Serve with the embedded Ray; on a cluster only disconnects (what runs there
+    stays)."""
+    import ray
+    from ray import serve
+
+    if embedded:
+        serve.shutdown()
+    ray.shutdown()
+
+
+def _serve_through_jobs(model: str, settings, address: str) -> None:
+    """Deploys with a Ray job on the cluster (`serve ... --ray-address auto`), following its
+    output; the application outlives the job."""
+    import shlex
+    import time
+
+    from pipelines import submit as submit_mod
+
+    client = _jobs_client(address)
+    name = settings.name or model.removeprefix("models:/").split("@")[0].split("/")[0] or "model"
+    args = ["serve", model, "--settings-json", settings.model_dump_json(), "--ray-address", "auto"]
+    command = shlex.join(["python", "-m", "pipelines.cli", *args])
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:60]
+    sid = f"raypipe-serve-{safe}-{int(time.time())}"
+    root = submit_mod.project_root(Path.cwd() / "pyproject.toml")
+    try:
+        sub = submit_mod.submit_command(client, sid, command, root, {"raypipe_serve": name})
+        typer.echo(f"submitted job {sub.submission_id} to deploy {model}")
+        status = client.follow(sub.submission_id, typer.echo)
+    except submit_mod.SubmitError as e:
+        raise _fail(str(e), e.code) from None
+    _job_exit(status)
+
+
 @app.command()
 def components() -> None:
     """Lists the components a pipeline can use."""

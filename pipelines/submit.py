@@ -395,16 +395,29 @@ def submit(
         if busy:
             return Submission(busy[0], False, client.status(busy[0]), "", skipped=True)
     check_storage(pipeline, client.alive_nodes(), client.address)
-    runtime_env = {"working_dir": str(root), "excludes": EXCLUDES}
     meta = {"raypipe_pipeline": pipeline.name, "raypipe_file": relpath, "raypipe_key": key}
     meta.update(metadata or {})
+    return submit_command(client, sid, command, root, meta, driver_cpus)
+
+
+def submit_command(
+    client: JobsClient,
+    sid: str,
+    command: str,
+    root: Path,
+    metadata: dict[str, str],
+    driver_cpus: float = DEFAULT_DRIVER_CPUS,
+) -> Submission:
+    """Submits ``command`` as job ``sid`` with the project folder ``root`` as its working_dir
+    (or finds the job a racing submitter made with that id)."""
+    runtime_env = {"working_dir": str(root), "excludes": EXCLUDES}
     try:
         client.client.submit_job(
             entrypoint=command,
             submission_id=sid,
             runtime_env=runtime_env,
             entrypoint_num_cpus=driver_cpus,
-            metadata=meta,
+            metadata=metadata,
         )
     except Exception as e:  # noqa: BLE001
         # Two submitters raced: the other one's job is the job.

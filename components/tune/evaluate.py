@@ -11,7 +11,9 @@ module knows no family. With
 registry, and the registry's ``champion`` alias moves to it only if it meets every threshold and
 beats the current champion by more than ``promote_if_better_by`` (no champion yet: meeting the
 thresholds is enough). Each version carries its metrics as tags (``metric.test/accuracy``), so
-a later gate compares against the champion without re-running it.
+a later gate compares against the champion without re-running it. A version is a real MLflow
+model (``components/serve/pyfunc.py``: a pyfunc wrapping the candidate's bundle), so
+``mlflow.pyfunc.load_model("models:/NAME@champion")`` and ``mlflow models serve`` work on it.
 
 Concurrent gates of one model (two pipelines, a scheduled retrain next to a manual run) are
 serialized by an exclusive ``fcntl`` lock next to the SQLite tracking database: the champion is
@@ -235,6 +237,7 @@ def gate(
     metrics: dict[str, float],
     config: EvaluateConfig,
     tags: dict[str, str] | None = None,
+    log_model: bool = False,
 ) -> Decision:
     """Registers the candidate as a new version of ``model`` and moves the ``champion`` alias
     to it if :func:`decide` says so; safe against concurrent gates of the same model.
@@ -248,6 +251,8 @@ def gate(
         tags: more tags for the version (run id, stage, artifact digest). With the
             ``GATE_IDENTITY`` tags, a gate run again after its driver died (``raypipe
             resume``) finds the version it registered and does not register it twice.
+        log_model: log the candidate (a model bundle) as an MLflow model and make that the
+            version's source; otherwise the version's source is the folder itself.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -282,20 +287,29 @@ def gate(
                 for key, value in decision_tags.items():
                     client.set_model_version_tag(model, version.version, key, value)
             else:
-                version = client.create_model_version(
-                    model,
-                    source=source,
-                    tags={
-                        **{
-                            TAG_PREFIX + k: repr(float(v))
-                            for k, v in metrics.items()
-                            if isinstance(v, int | float)
-                        },
-                        **(tags or {}),
-                        **decision_tags,
-                    },
-                    description=reason,
-                )
+                numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+                version_tags = {
+                    **{TAG_PREFIX + k: repr(v) for k, v in numbers.items()},
+                    **(tags or {}),
+                    **decision_tags,
+                }
+                if log_model:
+                    from components.serve.pyfunc import register
+
+                    facts = {**(tags or {}), "metrics": numbers}
+                    version = register(
+                        client,
+                        model,
+                        source,
+                        facts,
+                        tracking_uri,
+                        tags=version_tags,
+                        description=reason,
+                    )
+                else:
+                    version = client.create_model_version(
+                        model, source=source, tags=version_tags, description=reason
+                    )
             if promote:
                 client.set_registered_model_alias(model, ALIAS, version.version)
     return Decision(
@@ -369,6 +383,7 @@ class TuneEvaluate(Component):
                     "raypipe.component": candidate.component,
                     "raypipe.digest": str(candidate.manifest.get("digest", "")),
                 },
+                log_model=True,
             )
         record = {"candidate_metrics": metrics, **asdict(decision)}
         (ctx.out_dir / DECISION_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))

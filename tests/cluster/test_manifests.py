@@ -2,7 +2,7 @@
 fields that matter: image, command, resources, token auth, autoscaling, GPUs, overlap
 protection. (Nothing here needs Kubernetes, Docker or a cloud account.)
 
-- KubeRay resources: the ``openAPIV3Schema`` of the RayCluster and RayJob CRDs of every
+- KubeRay resources: the ``openAPIV3Schema`` of the RayCluster, RayJob and RayService CRDs of every
   supported KubeRay release (copied into ``kuberay_crds/``, see ``SOURCES.json`` there), with
   unknown fields rejected as ``kubectl apply`` (strict field validation) rejects them.
 - Kubernetes' own kinds (CronJob, ServiceAccount): Kubernetes' schemas, strict, from the
@@ -34,7 +34,11 @@ from pipelines import spec
 CLUSTER = ROOT / "cluster"
 CRDS = Path(__file__).parent / "kuberay_crds"
 KUBERAY_RELEASES = sorted(p.name for p in CRDS.iterdir() if p.is_dir())
-CRD_FILES = {"RayCluster": "rayclusters.json.gz", "RayJob": "rayjobs.json.gz"}
+CRD_FILES = {
+    "RayCluster": "rayclusters.json.gz",
+    "RayJob": "rayjobs.json.gz",
+    "RayService": "rayservices.json.gz",
+}
 KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 IMAGE, GPU_IMAGE = "REGISTRY/raypipe:0.1.0", "REGISTRY/raypipe:0.1.0-gpu"
 WORKDIR = "/home/ray/raypipe"  # the Dockerfile's WORKDIR (checked below)
@@ -169,13 +173,13 @@ def pod_templates(cluster_spec: dict) -> list[dict]:
     ]
 
 
-def check_cluster_spec(cluster_spec: dict) -> None:
+def check_cluster_spec(cluster_spec: dict, **more_ports: int) -> None:
     assert cluster_spec["rayVersion"] == metadata.version("ray")
     assert cluster_spec["authOptions"]["mode"] == "token"
     head = cluster_spec["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"  # drivers ask for CPUs elsewhere
     ports = {p["name"]: p["containerPort"] for p in containers(head["template"])[0]["ports"]}
-    assert ports == {"gcs-server": 6379, "dashboard": 8265, "client": 10001}
+    assert ports == {"gcs-server": 6379, "dashboard": 8265, "client": 10001, **more_ports}
     (account,) = load("kuberay/serviceaccount.yaml")
     for template in pod_templates(cluster_spec):
         # S3 credentials: the service account (IRSA) or the optional Secret.
@@ -253,6 +257,37 @@ def test_scheduled_rayjob_never_overlaps():
     assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "raypipe-ray-token"
     assert "value" not in env["RAY_AUTH_TOKEN"]  # never a literal token in a manifest
     assert "job-name" in env["TICK"]["valueFrom"]["fieldRef"]["fieldPath"]
+
+
+def test_rayservice_serves_the_champion_with_serves_own_schema():
+    """The RayService's ``serveConfigV2`` passes Ray Serve's own config schema (what ``serve
+    deploy`` and KubeRay send to the Serve controller), and its application's ``args`` build
+    raypipe's application with the settings they say."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from components.serve.app import build_app
+    from components.serve.settings import ServeSettings
+
+    (doc,) = load("kuberay/rayservice.yaml")
+    cluster_spec = doc["spec"]["rayClusterConfig"]
+    check_cluster_spec(cluster_spec, serve=8000)
+    assert cluster_spec["authOptions"]["secretName"] == "raypipe-ray-token"
+    config = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
+    assert (config.http_options.host, config.http_options.port) == ("0.0.0.0", 8000)
+    for template in pod_templates(cluster_spec):  # KubeRay's serve Service targets this port
+        assert {"containerPort": 8000, "name": "serve"} in containers(template)[0]["ports"]
+    (application,) = config.applications
+    assert application.import_path == "components.serve.app:build_app"
+    args = dict(application.args)
+    assert args["model"] == "models:/digits-cnn@champion"  # follows the gate's alias
+    settings = ServeSettings.model_validate({k: v for k, v in args.items() if k != "model"})
+    assert settings.autoscaling is not None and settings.autoscaling.max_replicas > 1
+    app = build_app(args)  # builds the application (does not run it): no Ray needed
+    options = app._bound_deployment._deployment_config
+    assert options.max_ongoing_requests >= settings.max_batch_size
+    assert options.autoscaling_config.max_replicas == settings.autoscaling.max_replicas
+    with pytest.raises(ValueError, match="args need `model`"):
+        build_app({k: v for k, v in args.items() if k != "model"})
 
 
 # --- the cluster launcher ---------------------------------------------------------------------

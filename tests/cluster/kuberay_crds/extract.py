@@ -1,12 +1,13 @@
-"""Copies the RayCluster and RayJob CRD schemas of KubeRay releases into this folder.
+"""Copies the RayCluster, RayJob and RayService CRD schemas of KubeRay releases into this folder.
 
     python tests/cluster/kuberay_crds/extract.py /path/to/kuberay-checkout v1.6.2 v1.7.0
 
-For each tag it reads ``ray-operator/config/crd/bases/ray.io_{rayclusters,rayjobs}.yaml`` with
-``git show TAG:PATH``, keeps the ``openAPIV3Schema`` of the served ``v1`` version, drops the
-``description`` texts (about 85% of the bytes; nothing validates against them) and writes
-``TAG/KIND.json.gz`` (gzip, mtime 0, sorted keys: the same input gives the same bytes).
-``SOURCES.json`` records the tag, its commit and the path of each file.
+For each tag and kind it reads ``ray-operator/config/crd/bases/ray.io_KIND.yaml`` (KIND:
+rayclusters, rayjobs, rayservices) with ``git show TAG:PATH``, keeps the ``openAPIV3Schema``
+of the served ``v1`` version, drops the ``description`` texts (about 85% of the bytes;
+nothing validates against them) and writes ``TAG/KIND.json.gz`` (gzip, mtime 0, sorted
+keys: the same input gives the same bytes). ``SOURCES.json`` records the tag, its commit
+and the path of each file.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-KINDS = ("rayclusters", "rayjobs")
+KINDS = ("rayclusters", "rayjobs", "rayservices")
 
 
 def _strip(node):

@@ -27,6 +27,9 @@ COMPONENTS: dict[str, str] = {
     "generative.vae": "components.generative.vae:VAEStage",
     "generative.gan": "components.generative.gan:GANStage",
     "rl.ddpg": "components.rl.ddpg:DDPGStage",
+    "text.prepare": "components.text.prepare:TextPrepare",
+    "text.classifier": "components.text.classifier:TextClassifier",
+    "text.lm": "components.text.lm:LanguageModelStage",
     "tune.search": "components.tune.search:TuneSearch",
     "tune.evaluate": "components.tune.evaluate:TuneEvaluate",
 }

@@ -133,7 +133,7 @@ def _stage_section(name: str, st: StageEntry, store: Store) -> str:
                 f"<figure><img alt='{_e(rel)}' src='data:image/png;base64,{data}'>"
                 f"<figcaption>{_e(rel)}</figcaption></figure>"
             )
-        for extra in ("decision.json", "best_config.json"):
+        for extra in ("decision.json", "best_config.json", "samples.txt"):
             if (path / extra).is_file():
                 parts.append(f"<h3>{extra}</h3><pre>{_e((path / extra).read_text())}</pre>")
     parts.append("</section>")

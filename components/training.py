@@ -32,6 +32,11 @@ from components.contract import TrialData
 
 STATE_FILE = "state.pt"
 Settings = TypeVar("Settings", bound=StrictModel)
+#: How long a training run waits for its workers' resources before Ray Train gives up
+#: (Train's own default is 60 s, after which it fails the attempt). On a busy cluster a stage
+#: waits for CPUs held by other stages or trials as long as they need them; set
+#: RAYPIPE_RESOURCE_WAIT_S to bound the wait.
+RESOURCE_WAIT_S = float(os.environ.get("RAYPIPE_RESOURCE_WAIT_S", 7 * 24 * 3600))
 
 
 class TrainSettings(StrictModel):
@@ -287,6 +292,13 @@ def final_state(snapshot: dict[str, Any], *models, **extra: Any) -> dict[str, An
 # --- in the stage -------------------------------------------------------------------------
 
 
+def wait_for_resources() -> None:
+    """Makes the Ray Train runs this process starts wait :data:`RESOURCE_WAIT_S` for their
+    workers' resources instead of failing after Train's 60 s. Train propagates this variable
+    from the process that calls ``fit()`` to its controller."""
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(RESOURCE_WAIT_S)
+
+
 def fit(
     train_func: Any,
     settings: TrainSettings,
@@ -333,6 +345,11 @@ def fit(
     forwarder = threading.Thread(target=_forward, args=(progress, ctx, stop), daemon=True)
     forwarder.start()
     datasets = _maybe_cache(data.datasets, ctx, settings.cache_data, data.data_bytes)
+    wait_for_resources()
+    needed = resources.workers * resources.cpus_per_worker
+    free = ray.available_resources().get("CPU", 0)
+    if free < needed:
+        ctx.progress(note=f"waiting for {needed:g} CPUs for the workers ({free:g} free now)")
     loop = Loop(config=settings.model_dump(mode="json"), data=data.spec, progress=progress)
     trainer = TorchTrainer(
         train_func,

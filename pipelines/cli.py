@@ -80,9 +80,10 @@ VerboseOpt = Annotated[
 
 
 def _console(stages: list[str], quiet: bool, verbose: bool) -> tuple[dict, Any]:
-    """How a run talks: in a terminal, a live table of stages with Ray's worker output kept in
-    Ray's log files (stage errors still come back with their tracebacks) unless ``--verbose``;
-    elsewhere (CI logs) plain lines with no control codes, Ray's output included.
+    """How a run talks: in a terminal, a live table of stages; elsewhere (CI logs, a file) one
+    plain line per stage event with no control codes. Either way Ray's own output (workers,
+    Data, Train) stays in Ray's log files, whose path is printed once, unless ``--verbose``;
+    stage errors still come back with their tracebacks.
 
     Returns:
         The Runner's output options, and a context manager to run inside.
@@ -94,7 +95,7 @@ def _console(stages: list[str], quiet: bool, verbose: bool) -> tuple[dict, Any]:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # no redrawn bars
         if quiet:
             return {"printer": lambda line: None, "ray_logs": verbose}, contextlib.nullcontext()
-        return {"printer": typer.echo}, contextlib.nullcontext()
+        return {"printer": typer.echo, "ray_logs": verbose}, contextlib.nullcontext()
     if quiet:
         return {"printer": lambda line: None, "ray_logs": verbose}, contextlib.nullcontext()
     from pipelines.progress import LiveTable

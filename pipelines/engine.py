@@ -17,6 +17,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import json
+import logging
 import os
 import re
 import secrets
@@ -158,8 +159,27 @@ def ensure_ray(address: str | None, log_to_driver: bool = True) -> bool:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(address="local", include_dashboard=False, **kwargs)
+        # Token authentication stays on for an embedded Ray, as Ray 2.60 decides when
+        # RAY_AUTH_MODE is unset (it listens beyond loopback, and anyone who reaches it could
+        # run code); Ray's warning about it gives way to one line of ours (auth_summary).
+        quiet = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            ray.init(address="local", include_dashboard=False, **kwargs)
+        finally:
+            quiet.setLevel(level)
     return True
+
+
+def auth_summary() -> str:
+    """One line on how this process's Ray authenticates (never the token itself)."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return "Ray token authentication: off (RAY_AUTH_MODE=disabled)"
+    where = os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token"
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        where = "RAY_AUTH_TOKEN"
+    return f"Ray token authentication: on (token in {where}; RAY_AUTH_MODE=disabled turns it off)"
 
 
 class Runner:
@@ -446,16 +466,52 @@ class Runner:
                 self._say(name, "cached")
                 self._track_stage(name, manifest)
                 return
+        unplaceable = self._unplaceable(name)
+        if unplaceable:
+            st.mark_failed(unplaceable, None)
+            self._say(name, f"FAILED: {unplaceable}")
+            self._track_stage(name, None)
+            return
         running[self._launch(name, key, forced)] = name
         st.mark_running()
         self._say(name, "started" + (" (forced)" if forced else ""))
 
-    def _launch(self, name: str, key: str, forced: bool) -> Any:
-        """Submits the stage's Ray task; returns its ObjectRef."""
+    def _ensure_ray(self) -> None:
+        """Connects to (or starts) Ray on the first stage that runs; says once how it
+        authenticates and, unless its output is shown here, where its logs are."""
         import ray
 
-        if not ray.is_initialized():
-            self._started_ray = ensure_ray(self.address, self.ray_logs)
+        if ray.is_initialized():
+            return
+        self._started_ray = ensure_ray(self.address, self.ray_logs)
+        if self._started_ray and not self.address:
+            self.print(auth_summary())
+        node = getattr(ray._private.worker, "_global_node", None)  # None over ray://
+        if not self.ray_logs and node is not None:
+            logs = Path(node.get_session_dir_path()) / "logs"
+            self.print(f"Ray's own output: {logs} (--verbose shows it here)")
+
+    def _unplaceable(self, name: str) -> str | None:
+        """Why a stage's workers can never be placed, or None. Stages wait for resources that
+        other stages hold (``training.RESOURCE_WAIT_S``); on the embedded Ray this run started,
+        whose size is fixed, a stage asking for more CPUs than it has would wait for ever."""
+        self._ensure_ray()
+        if not self._started_ray or self.address:
+            return None  # a cluster: an autoscaler may add the nodes
+        import ray
+
+        res = self.pipeline.stages[name].spec.resources
+        total = ray.cluster_resources().get("CPU", 0)
+        if res.workers * res.cpus_per_worker > total:
+            return (
+                f"resources: {res.workers} workers x {res.cpus_per_worker:g} CPUs need "
+                f"{res.workers * res.cpus_per_worker:g} CPUs; the local Ray has {total:g} "
+                "(lower stage.resources.workers, or run on a cluster with --ray-address)"
+            )
+        return None
+
+    def _launch(self, name: str, key: str, forced: bool) -> Any:
+        """Submits the stage's Ray task; returns its ObjectRef."""
         stage = self.pipeline.stages[name]
         job = StageJob(
             run_id=self.run_id,

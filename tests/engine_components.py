@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -22,12 +23,14 @@ class SleepConfig(StrictModel):
     value: a number added to the sum of the inputs' values; the result is the output.
     payload_bytes: size of an extra data file written into the artifact.
     steps: progress points reported (``step``, ``train/loss`` falling as 1/(step+1)).
+    say: a line printed to the worker's stdout and stderr (as libraries in a stage do).
     """
 
     seconds: float = 0.0
     value: float = 1.0
     payload_bytes: int = 0
     steps: int = 0
+    say: str = ""
 
 
 class Sleep(Component):
@@ -39,6 +42,9 @@ class Sleep(Component):
 
     def run(self, ctx: StageContext, config: SleepConfig) -> dict[str, Any]:
         start = time.time()
+        if config.say:
+            print(config.say, flush=True)
+            print(config.say, file=sys.stderr, flush=True)
         total = config.value
         for artifact in ctx.inputs.values():
             total += json.loads(artifact.file("out.json").read_text())["value"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,23 +96,78 @@ def register_custom_env(settings: DDPGSettings) -> None:
 
 
 class CheckpointDir:
-    """Numbered RLlib checkpoints in a local directory; a checkpoint counts once it is complete."""
+    """Numbered RLlib checkpoints under the stage's scratch location: a local path, or a storage
+    URI (``s3://``, ``file://``: what a multi-node cluster shares, so a rerun on another node
+    resumes). RLlib saves to and restores from local directories: on a URI each checkpoint is
+    saved locally, then uploaded, and the newest is downloaded before a restore. A checkpoint
+    counts once its ``COMPLETE`` marker exists, and the marker is written (uploaded) last.
 
-    def __init__(self, root: str | Path, keep: int = 2):
-        self.root = Path(str(root).removeprefix("file://"))
+    Args:
+        root: the directory or URI holding the checkpoints.
+        keep: how many complete checkpoints to keep.
+    """
+
+    def __init__(self, root: str, keep: int = 2):
+        import pyarrow.fs as pafs
+
         self.keep = keep
+        if "://" in root:
+            self.fs, self.base = pafs.FileSystem.from_uri(root)
+            self.local: Path = Path(tempfile.mkdtemp(prefix="raypipe-rllib-"))
+        else:
+            self.fs, self.base = pafs.LocalFileSystem(), str(root)
+            self.local = Path(root)
+        self.remote = "://" in root
+
+    def _complete(self) -> list[str]:
+        """Names of the complete checkpoints, oldest first."""
+        import pyarrow.fs as pafs
+
+        found = self.fs.get_file_info(pafs.FileSelector(self.base, allow_not_found=True))
+        names = sorted(i.base_name for i in found if i.base_name.startswith("step_"))
+        done = self.fs.get_file_info([f"{self.base}/{n}/COMPLETE" for n in names])
+        return [n for n, info in zip(names, done, strict=True) if info.is_file]
 
     def newest(self) -> Path | None:
-        done = sorted(p.parent for p in self.root.glob("step_*/COMPLETE"))
-        return done[-1] if done else None
+        """The newest complete checkpoint, as a local directory (downloaded from a URI)."""
+        import pyarrow.fs as pafs
+
+        done = self._complete()
+        if not done:
+            return None
+        path = self.local / done[-1]
+        if self.remote:
+            shutil.rmtree(path, ignore_errors=True)
+            pafs.copy_files(
+                f"{self.base}/{done[-1]}",
+                str(path),
+                source_filesystem=self.fs,
+                destination_filesystem=pafs.LocalFileSystem(),
+            )
+        return path
 
     def save(self, algo, step: int) -> Path:
-        path = self.root / f"step_{step:010d}"
+        """Saves a checkpoint (uploaded to a URI, marker last); drops the oldest beyond
+        ``keep``. Returns the local directory of the new checkpoint."""
+        import pyarrow.fs as pafs
+
+        name = f"step_{step:010d}"
+        path = self.local / name
         algo.save_to_path(path)
+        if self.remote:
+            pafs.copy_files(str(path), f"{self.base}/{name}", pafs.LocalFileSystem(), self.fs)
+            with self.fs.open_output_stream(f"{self.base}/{name}/COMPLETE") as out:
+                out.write(str(step).encode())
         (path / "COMPLETE").write_text(str(step))
-        for old in sorted(p.parent for p in self.root.glob("step_*/COMPLETE"))[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        for old in self._complete()[: -self.keep]:
+            self.fs.delete_dir(f"{self.base}/{old}")
+            shutil.rmtree(self.local / old, ignore_errors=True)
         return path
+
+    def close(self) -> None:
+        """Removes the local copies kept for a URI (a local root is the checkpoints)."""
+        if self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 class DDPGStage(Component):
@@ -135,7 +191,7 @@ class DDPGStage(Component):
         runners = ctx.resources.workers if config.env_runners is None else config.env_runners
         register_custom_env(config)
         algo = build_algorithm_config(config, seed, runners).build_algo()
-        scratch = CheckpointDir(Path(ctx.scratch_dir) / "rllib")
+        scratch = CheckpointDir(f"{str(ctx.scratch_dir).rstrip('/')}/rllib")
         resumed_from = scratch.newest()
         if resumed_from is not None:
             algo.restore_from_path(resumed_from)
@@ -153,6 +209,7 @@ class DDPGStage(Component):
             export_actor(algo, out, config, seed)
         finally:
             algo.stop()
+            scratch.close()
         (out / "settings.json").write_text(
             json.dumps({"settings": config.model_dump(), "seed": seed}, indent=2, sort_keys=True)
         )

@@ -206,7 +206,7 @@ def run_trial(
     from ray.train import CheckpointConfig, DataConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from components.training import Loop
+    from components.training import Loop, wait_for_resources
 
     trainable = registry.trainable(component)
     if trainable.trial is not None:
@@ -216,6 +216,7 @@ def run_trial(
     trial_id = tune.get_context().get_trial_id()
     per_worker = {"CPU": resources["cpus_per_worker"], **({"GPU": 1} if use_gpu else {})}
     loop = Loop(config=config.model_dump(mode="json"), data=data, trial=(trial_id, groups))
+    wait_for_resources()  # a trial waits for the CPUs other trials and stages hold
     trainer = TorchTrainer(
         train_in_trial,
         train_loop_config={**loop.as_train_config(), "component": component},

@@ -57,11 +57,6 @@ def _run_record(out: str, store: Path) -> dict:
     return json.loads((store / "runs" / run_id / "run.json").read_text())
 
 
-#: A known failure (components/rl/stage.py takes the scratch URI for a local path): RLlib
-#: checkpoints cannot go to shared storage, so rl.ddpg fails on any multi-node cluster.
-RL_URI_BUG = "/rllib/step_"
-
-
 @pytest.mark.timeout(1500)  # demo.yaml's stages train at once on two shared cores
 def test_every_shipped_pipeline_runs_when_submitted_to_a_cluster(pipeline_cluster):
     assert sorted(SHRINK) == SHIPPED, "a shipped pipeline has no shrinking overrides"
@@ -72,22 +67,16 @@ def test_every_shipped_pipeline_runs_when_submitted_to_a_cluster(pipeline_cluste
     results = {first: _finish(_submit([f"pipelines/{first}", *shrunk(first, tmp)], env))}
     procs = {name: _submit([f"pipelines/{name}", *shrunk(name, tmp)], env) for name in rest}
     results.update({name: _finish(proc) for name, proc in procs.items()})
-    jobs, known = [], []
+    jobs = []
     for name, (_code, out) in results.items():
         jobs += re.findall(r"^job (raypipe-\S+): (?:SUCCEEDED|FAILED)$", out, re.M)
         record = _run_record(out, tmp / "store")
         for stage, st in record["stages"].items():
-            if st["uses"] == "rl.ddpg" and st["status"] == "failed":
-                assert RL_URI_BUG in st["error"], (name, stage, st["error"])
-                known.append(f"{name}:{stage}")
-                continue
             assert st["status"] == "succeeded", (name, stage, st.get("error"), out[-3000:])
     # The set-up this guards: some drivers (and so their stage tasks) sat on the 1-CPU head.
     client = JobsClient(pipeline_cluster["info"].dashboard_url)
     head = _head_node_id(client)
     assert any(client.require(job).driver_node_id == head for job in jobs)
-    if known:
-        pytest.xfail(f"rl.ddpg cannot checkpoint to a storage URI (scratch_dir): {known}")
 
 
 def _head_node_id(client: JobsClient) -> str:
@@ -147,6 +136,7 @@ def test_the_image_install_step_then_submit_from_its_folder(pipeline_cluster, tm
     raypipe = venv / "bin" / "raypipe"
     env = cli_env(RAYPIPE_ADDRESS=pipeline_cluster["info"].dashboard_url)
     env.pop("RAYPIPE_PROJECT", None)
+    env.pop("RAYPIPE_COMPONENTS", None)  # the suite's test components are not in the image
     name = "retrain.yaml"
     proc = _submit(
         [f"pipelines/{name}", *shrunk(name, pipeline_cluster["tmp"])], env, workdir, [str(raypipe)]

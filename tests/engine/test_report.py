@@ -44,9 +44,15 @@ def test_report_has_sections_for_the_run_and_marks_cached_stages(ray_local, tmp_
     assert report.is_file()
 
 
+#: A line Ray forwards from a worker: ``(raypipe:r:a pid=123)``, ``(RayTrainWorker pid=9,
+#: ip=10.0.0.1)``.
+RAY_WORKER_LINE = re.compile(r"\((?:[\w.:-]+ )?pid=\d+(?:, ip=[\w.:-]+)?\)")
+
+
 def test_run_output_in_a_non_terminal_is_plain_lines(tmp_path):
     path = tmp_path / "p.yaml"
-    path.write_text(f"name: r\nstorage: {tmp_path / 'store'}\nstages:\n{STAGES}")
+    chatty = '  chatty: {uses: test.sleep, with: {say: "a library talking"}}\n'
+    path.write_text(f"name: r\nstorage: {tmp_path / 'store'}\nstages:\n{STAGES}{chatty}")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_COLOR_PREFIX", None)
     result = subprocess.run(
@@ -62,6 +68,10 @@ def test_run_output_in_a_non_terminal_is_plain_lines(tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0].startswith("run ") and lines[-1].endswith(": failed")
     assert any(re.match(r"\[\s*[\d.]+s\] a: (started|cached)", line) for line in lines)
+    # Ray's own output stays in its log files, as in a terminal; the path is said once.
+    assert not [line for line in output.splitlines() if RAY_WORKER_LINE.search(line)], output
+    assert "a library talking" not in output
+    assert sum("Ray's own output: " in line for line in lines) == 1
     quiet = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "run", str(path), "--quiet"],
         env=env,

@@ -216,7 +216,8 @@ def test_bad_data_inputs_fail_clearly_or_are_quarantined(ray_local, tmp_path):
             import pandas as pd
 
             rows = pd.concat(
-                pd.read_parquet(Path(st.artifact) / s.path) for s in dataset["quarantine"]["shards"]
+                pd.read_parquet(Path(st.artifact) / s["path"])
+                for s in dataset["quarantine"]["shards"]
             )
             assert rows["reason"].tolist() == [words] and Path(rows["source"][0]).exists()
     assert record.stages["good"].status == "succeeded"

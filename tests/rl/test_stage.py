@@ -18,14 +18,16 @@ from components.rl.ddpg import DDPGSettings, DDPGStage
 REPO = Path(__file__).resolve().parents[2]
 
 
-def make_ctx(tmp_path: Path, name: str = "out", on_progress=None) -> StageContext:
+def make_ctx(
+    tmp_path: Path, name: str = "out", on_progress=None, scratch: str | None = None
+) -> StageContext:
     out = tmp_path / name
     out.mkdir()
     return StageContext(
         stage="agent",
         run_id="test",
         out_dir=out,
-        scratch_dir=str(tmp_path / "scratch"),
+        scratch_dir=scratch or str(tmp_path / "scratch"),
         inputs={},
         resources=Resources(workers=0),
         seed=0,
@@ -84,7 +86,10 @@ def test_stage_learns_pendulum_and_exports_a_runnable_policy(ray_local, tmp_path
 
 
 @pytest.mark.reliability
-def test_stage_resumes_from_its_last_checkpoint_after_a_failure(ray_local, tmp_path):
+@pytest.mark.parametrize("scratch", ["path", "uri"])
+def test_stage_resumes_from_its_last_checkpoint_after_a_failure(ray_local, tmp_path, scratch):
+    # A storage URI (what a multi-node cluster shares) as well as a local path.
+    where = f"file://{tmp_path}/scratch" if scratch == "uri" else str(tmp_path / "scratch")
     config = DDPGSettings(
         timesteps=900,
         env_runners=0,
@@ -100,17 +105,19 @@ def test_stage_resumes_from_its_last_checkpoint_after_a_failure(ray_local, tmp_p
         if point["step"] >= 600:
             raise RuntimeError("node lost")
 
-    first = make_ctx(tmp_path, "attempt1", on_progress=crash_at_600)
+    first = make_ctx(tmp_path, "attempt1", on_progress=crash_at_600, scratch=where)
     with pytest.raises(RuntimeError, match="node lost"):
         DDPGStage().run(first, config)
     # The checkpoint of the first evaluation point is complete; the second was never written.
     (saved,) = [p["step"] for p in first._history[:-1]]
-    second = make_ctx(tmp_path, "attempt2")
+    second = make_ctx(tmp_path, "attempt2", scratch=where)
     metrics = DDPGStage().run(second, config)
     assert metrics["train/resumed_from_step"] == saved >= 300
     assert second._history[0]["step"] >= saved + 300
     assert metrics["train/env_steps"] >= 900
     assert (second.out_dir / "weights.pt").exists() and (second.out_dir / "bundle.json").exists()
+    kept = sorted(p.parent.name for p in (tmp_path / "scratch" / "rllib").glob("step_*/COMPLETE"))
+    assert len(kept) == 2  # the newest two checkpoints, each complete
 
 
 def test_stage_trains_on_a_registered_custom_env_with_odd_bounds(ray_local, tmp_path):

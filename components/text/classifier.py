@@ -216,18 +216,11 @@ class TextClassifier(Component):
 
 
 def prepare(ctx: StageContext) -> TrialData:
-    """The text dataset in ``needs:`` (prepared for classification): its splits, read lazily,
+    """The text dataset in ``needs:`` (prepared for classification): train and val, read lazily,
     and its ``TextSpec``."""
-    from components.text.prepare import read_split, read_text_dataset
+    from components.text.prepare import read_text_dataset
 
-    data, info, spec = read_text_dataset(ctx, "text.classifier", TASK)
-    return TrialData(
-        datasets={split: read_split(data.path, split) for split in ("train", "val")},
-        spec=spec,
-        data_dir=data.path,
-        data_stage=data.stage,
-        data_bytes=sum(shard["bytes"] for shard in info["shards"]),
-    )
+    return read_text_dataset(ctx, "text.classifier", TASK)
 
 
 def describe(hparams: dict, data: TrialData, config: TextClassifierConfig, metrics: dict):
@@ -251,13 +244,13 @@ def describe(hparams: dict, data: TrialData, config: TextClassifierConfig, metri
 
 def load(weights, hparams: dict, data: TrialData, config):
     """The inference object of weights in memory (as ``bundle.load_model`` would build it)."""
-    from dataclasses import replace
+    from components.text.common import loaded
 
-    return replace(describe(hparams, data, config, {}), tensors={"model": weights}).load()
+    return loaded(describe(hparams, data, config, {}), weights)
 
 
 def save(out_dir: Path, weights, hparams: dict, data: TrialData, config, metrics: dict) -> None:
-    """Writes the classifier's bundle (``bundle.json``, ``weights.pt``) into ``out_dir``."""
+    """Writes the model's bundle (``bundle.json``, ``weights.pt``) into ``out_dir``."""
     from components.bundle import save_bundle
 
     save_bundle(out_dir, describe(hparams, data, config, metrics), {"model": weights})

@@ -121,6 +121,14 @@ def table_rows(table, columns: tuple[str, ...]) -> dict[str, Any]:
     return rows
 
 
+def loaded(bundle, weights):
+    """The inference object of ``bundle`` (no weights yet) with the network's ``weights`` in
+    memory: what ``bundle.load_model`` builds from the saved files."""
+    from dataclasses import replace
+
+    return replace(bundle, tensors={"model": weights}).load()
+
+
 @contextlib.contextmanager
 def one_thread():
     """Runs the block with one torch thread: a score computed this way has the same bits in

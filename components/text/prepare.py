@@ -84,7 +84,7 @@ def prepare(config: TextPrepareConfig, out_dir: Path, report=None) -> dict[str, 
     """
     import ray
 
-    from components.data.prepare import _run_tasks
+    from components.data.prepare import _run_tasks, _write_quarantine
     from components.data.sources import SourceError
     from components.text import sources
     from components.text.tokenizer import train_tokenizer
@@ -160,6 +160,7 @@ def prepare(config: TextPrepareConfig, out_dir: Path, report=None) -> dict[str, 
     report(rows_done=sum(s["rows"] for s in shards), phase="write")
     phase("tokenize_write")
 
+    # The same quarantine shards as data.prepare's (source, index, reason, detail, label).
     quarantine = _write_quarantine(out_dir, rejects + duplicates, config.rows_per_shard)
     accounting = {
         "texts_in": rows_in,
@@ -460,25 +461,6 @@ def _write_blocks(out_dir, pieces, tokenizer_json, config, limit):
             "unknown_tokens": int((stream == UNK_ID).sum()),
         }
     return shards, facts
-
-
-def _write_quarantine(out_dir: Path, rejects: list, rows_per_shard: int) -> list[dict]:
-    import pyarrow as pa
-
-    from components.data import shards
-
-    listed = []
-    for j, lo in enumerate(range(0, len(rejects), rows_per_shard)):
-        part = rejects[lo : lo + rows_per_shard]
-        table = pa.table(
-            {name: [getattr(r, name) for r in part] for name in shards.QUARANTINE_SCHEMA.names},
-            schema=shards.QUARANTINE_SCHEMA,
-        )
-        name = shards.shard_name("quarantine", j)
-        listed.append(
-            {"path": name, "split": "quarantine", **shards.write_table(table, out_dir / name)}
-        )
-    return listed
 
 
 # -- reading a text dataset (the families' side) -----------------------------------------------

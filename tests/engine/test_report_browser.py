@@ -61,7 +61,7 @@ def test_demo_sized_report_renders_in_chromium_and_two_runs_compare(ray_local, t
     assert first.ok, first.error
     # A second run: the data stage comes from the cache, the classifier trains again.
     second = engine.run_pipeline(
-        spec.load(path, ["stages.classifier.with.epochs=4"]), printer=lambda _line: None
+        spec.load(path, ["classifier.epochs=4"]), printer=lambda _line: None
     )
     assert second.ok and second.stages["prepare"].cache_hit, second.error
     report = tmp_path / "store" / "runs" / second.run_id / "report.html"

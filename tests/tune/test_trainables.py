@@ -34,24 +34,10 @@ stages:
       scheduler: fifo
       max_concurrent_trials: 1
       space: {{lr: {{grid: [3.0e-3, 1.0e-6]}}}}
-  gan_search:
-    uses: tune.search
-    needs: [prepare, classifier]
-    with:
-      trainable: generative.gan
-      train: {{epochs: 2, batch_size: 32, width: 8, latent_dim: 8, grid_samples: 16}}
-      search: grid
-      scheduler: fifo
-      max_concurrent_trials: 1
-      space: {{lr_g: {{grid: [2.0e-3, 1.0e-3]}}}}
   vae_gate:
     uses: tune.evaluate
     needs: [prepare, classifier, vae_search]
     with: {{register_as: digits-vae}}
-  gan_gate:
-    uses: tune.evaluate
-    needs: [prepare, classifier, gan_search]
-    with: {{register_as: digits-gan, max: {{test/fd_classifier: 1.0e6}}}}
 """
 
 
@@ -66,7 +52,7 @@ def results(record, stage: str) -> tuple[Path, pd.DataFrame, dict]:
     return art, pd.read_parquet(art / "results.parquet"), state.metrics
 
 
-def test_generative_searches_rank_by_their_own_metric_and_gate_on_test_scores(ray_local, tmp_path):
+def test_a_generative_search_ranks_by_its_own_metric_and_gates_on_test_scores(ray_local, tmp_path):
     from components.bundle import read_bundle
 
     record = run(tmp_path / "g.yaml", GENERATIVE, storage=str(tmp_path / "store"))
@@ -91,21 +77,6 @@ def test_generative_searches_rank_by_their_own_metric_and_gate_on_test_scores(ra
     assert json.loads(decision.read_text())["metric"] == "test/elbo"
     # The gate's classifier also gives the VAE a sample distance; the search had none.
     assert "test/fd_classifier" not in metrics and gate["test/fd_classifier"] > 0
-
-    # The GAN search ranks by the per-epoch Frechet distance of samples to the validation
-    # images (lower is better), which each trial reported every epoch.
-    art, rows, metrics = results(record, "gan_search")
-    assert len(rows) == 2 and rows["val/fd_classifier"].notna().all(), rows
-    best = rows.loc[rows["best/val/fd_classifier"].idxmin()]
-    assert metrics["best/trial"] == best["trial"]
-    assert json.loads((art / "best_config.json").read_text())["mode"] == "min"
-    bundle = read_bundle(art)
-    assert bundle.kind == "model/gan" and bundle.config["lr_g"] == best["config/lr_g"]
-    assert (art / "samples.png").stat().st_size > 0
-    gate = record.stages["gan_gate"].metrics
-    assert gate["promoted"], gate["reason"]
-    assert gate["test/fd_classifier"] == pytest.approx(metrics["test/fd_classifier"], rel=1e-5)
-    assert "test/fd_classifier" in gate["reason"]
 
 
 def test_a_gan_cannot_be_tuned_without_a_classifier(ray_local, tmp_path):

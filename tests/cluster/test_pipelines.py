@@ -58,6 +58,7 @@ def _run_record(out: str, store: Path) -> dict:
     return json.loads((store / "runs" / run_id / "run.json").read_text())
 
 
+@pytest.mark.soak
 @pytest.mark.timeout(1500)  # demo.yaml's stages train at once on two shared cores
 def test_every_shipped_pipeline_runs_when_submitted_to_a_cluster(pipeline_cluster):
     assert sorted(SHRINK) == SHIPPED, "a shipped pipeline has no shrinking overrides"

@@ -136,6 +136,7 @@ def test_conditional_models_draw_the_requested_digit(trained, tmp_path):
 MULTI_NODE_GAN = "{epochs: 3, width: 8, conditional: true, loss: hinge, spectral_norm: true}"
 
 
+@pytest.mark.soak
 @pytest.mark.slow
 def test_gan_on_two_nodes_ends_with_identical_generator_and_discriminator(ray_cluster, storage):
     two = "{workers: 2, cpus_per_worker: 1}"
@@ -149,6 +150,7 @@ def test_gan_on_two_nodes_ends_with_identical_generator_and_discriminator(ray_cl
     assert m["workers"] == 2 and np.isfinite(m["eval/fd_classifier"])
 
 
+@pytest.mark.soak
 @pytest.mark.reliability
 @pytest.mark.slow
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ from components.tune.evaluate import lock_path
 from pipelines import engine, spec
 from pipelines.store import Store
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.soak]
 
 # Tiny but real: digits -> a 1-worker CNN for 3 epochs -> a gate that registers the model in
 # MLflow (each store has its own registry, under its root). Dropout off and no

@@ -15,7 +15,7 @@ from pipelines import localcluster
 from pipelines.store import Store
 from pipelines.submit import JobsClient, submit
 
-pytestmark = [pytest.mark.reliability, pytest.mark.slow]
+pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.soak]
 
 PIPELINES = 20
 FILE = ROOT / "tests/cluster/sleep.yaml"  # left + right -> join; shipped with the job

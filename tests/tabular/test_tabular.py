@@ -136,6 +136,7 @@ def test_categories_missing_values_and_unseen_levels(ray_local, storage):
         model.predict([{"x": 1.0, "city": "kyiv"}])
 
 
+@pytest.mark.soak
 @pytest.mark.reliability
 def test_worker_killed_mid_training_resumes_from_checkpoint(
     ray_local, storage, kill_train_worker_mid_run

@@ -157,6 +157,7 @@ def test_generate_is_reproducible_by_seed_and_refuses_what_it_cannot_do(trained,
     assert not_lm.exit_code == 2 and "does not generate text" in not_lm.output, not_lm.output
 
 
+@pytest.mark.soak
 @pytest.mark.reliability
 def test_lstm_worker_killed_mid_training_resumes_and_still_learns(
     ray_local, storage, kill_train_worker_mid_run

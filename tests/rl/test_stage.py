@@ -29,7 +29,7 @@ def make_ctx(
         out_dir=out,
         scratch_dir=scratch or str(tmp_path / "scratch"),
         inputs={},
-        resources=Resources(workers=0),
+        resources=Resources(),  # the configs below say env_runners=0
         seed=0,
         on_progress=on_progress,
     )

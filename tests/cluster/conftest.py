@@ -16,9 +16,15 @@ def pipeline_cluster(tmp_path_factory):
     sits there, and so do its stages' 0-CPU tasks, on a node that cannot take one more 1-CPU
     task (where data.prepare once waited for ever). The worker's 4 logical CPUs leave room
     for several shrunk pipelines at once. Jobs find it through `RAYPIPE_CLUSTER_DIR`.
+
+    The nodes start without the suite's test components (``RAYPIPE_COMPONENTS``): a job's
+    driver inherits its node's environment, and the shipped pipelines need none of them (a
+    submission from the image's install, which has no ``tests`` package, must not be told to
+    import one).
     """
     state = tmp_path_factory.mktemp("pipeline-cluster")
     env = cli_env(RAYPIPE_CLUSTER_DIR=str(state))
+    env.pop("RAYPIPE_COMPONENTS", None)
     try:
         up = cli("cluster", "up", "--workers", "1", "--worker-cpus", "4", env=env, timeout=400)
         assert up.returncode == 0, output(up)

@@ -41,14 +41,33 @@ PLUGINS_ENV = "RAYPIPE_COMPONENTS"
 
 @cache
 def _table() -> dict[str, str]:
+    """The built-in components and those of the modules ``RAYPIPE_COMPONENTS`` names.
+
+    Raises:
+        InputError: the variable names a module that cannot be imported, or one without a
+            ``COMPONENTS`` dict of names to ``module:Class`` paths (the environment is the
+            user's input: one line, exit 2, not a bug of raypipe's).
+    """
+    from pipelines.guards import InputError
+
     table = dict(COMPONENTS)
-    for module in filter(None, os.environ.get(PLUGINS_ENV, "").split(",")):
+    for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
         try:
-            extra = importlib.import_module(module.strip()).COMPONENTS
-        except (ImportError, AttributeError) as e:
-            raise RuntimeError(
-                f"{PLUGINS_ENV} names {module.strip()!r}, which has no COMPONENTS: {e}"
-            ) from e
+            extra = importlib.import_module(module).COMPONENTS
+        except ImportError as e:
+            raise InputError(
+                f"${PLUGINS_ENV}", None, f"module {module!r} cannot be imported here: {e}"
+            ) from None
+        except AttributeError:
+            extra = None
+        if not isinstance(extra, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and ":" in v for k, v in extra.items()
+        ):
+            raise InputError(
+                f"${PLUGINS_ENV}",
+                None,
+                f"module {module!r} has no COMPONENTS dict of names to 'module:Class' paths",
+            )
         table.update(extra)
     return table
 

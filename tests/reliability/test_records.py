@@ -175,3 +175,42 @@ def test_an_os_error_is_one_line_naming_the_log_that_holds_its_traceback(tmp_pat
     text = log.read_text()
     assert text.startswith(f"raypipe report r1 --storage {store}\n"), text[:200]
     assert "Traceback (most recent call last)" in text and "IsADirectoryError" in text
+
+
+def test_a_bug_is_exit_3_naming_its_log_and_a_bad_plugin_variable_is_bad_input(
+    tmp_path, monkeypatch
+):
+    """What raypipe cannot account for (here a report writer that divides by zero) is a bug:
+    exit 3, one line naming the log with the traceback. A module in RAYPIPE_COMPONENTS that
+    cannot be imported is the user's environment, not a bug: exit 2, naming the variable."""
+    from components import registry
+    from pipelines import report
+
+    store = tmp_path / "store"
+    plant(store, "r1", json.dumps(good_record("r1")).encode())
+    monkeypatch.setenv("RAYPIPE_LOG_DIR", str(tmp_path / "logs"))
+
+    def broken(*_args, **_kwargs):
+        return 1 / 0
+
+    monkeypatch.setattr(report, "write_report", broken)
+    code, output = invoke("report", "r1", "--storage", str(store))
+    line = assert_one_line_error(code, output, "a bug in raypipe", "ZeroDivisionError", exit_code=3)
+    [log] = (tmp_path / "logs").iterdir()
+    assert line.endswith(f"(traceback in {log})") and "1 / 0" in log.read_text()
+
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(f"name: p\nstorage: {store}\nstages:\n  a: {{uses: data.prepare}}\n")
+    for value, problem in (
+        ("no_such_module_here", "'no_such_module_here' cannot be imported here"),
+        ("json", "'json' has no COMPONENTS dict"),
+    ):
+        monkeypatch.setenv(registry.PLUGINS_ENV, value)
+        registry._table.cache_clear()
+        registry.get.cache_clear()
+        try:
+            code, output = invoke("run", str(pipeline))
+        finally:
+            registry._table.cache_clear()
+            registry.get.cache_clear()
+        assert_one_line_error(code, output, "$RAYPIPE_COMPONENTS", problem)

@@ -106,7 +106,7 @@ TEXT = [
     "gpt.gpt_width=32",
     "lstm.lstm_hidden=16",
 ]
-COMPRESS = [f"{stage}.{key}" for stage in ("pruned", "int8") for key in ("warmup=1", "rounds=2")]
+COMPRESS = ["pruned.warmup=1", "pruned.rounds=2"]
 #: Overrides that shrink each shipped pipeline (pipelines/*.yaml) to seconds of training.
 SHRINK = {
     "ddpg.yaml": RL,
@@ -118,7 +118,7 @@ SHRINK = {
     "tabular.yaml": TABULAR,
     "demo.yaml": DATA + CLASSIFIER + RL + GENERATIVE + SEARCH,
     "text.yaml": TEXT,
-    "compress.yaml": DATA + CLASSIFIER + COMPRESS + ["int8.calibration_rows=64"],
+    "compress.yaml": DATA + CLASSIFIER + COMPRESS,
 }
 
 

@@ -313,7 +313,16 @@ def convert_static(prepared: nn.Module) -> nn.Module:
 class Compiled(nn.Module):
     """A converted PT2E graph, compiled on its first call. Inductor's freezing (weights as
     constants) is what lets it pick oneDNN's int8 convolutions: without it the int8 graph runs
-    slower than fp32."""
+    slower than fp32.
+
+    Compiled for fixed batch sizes only: in torch 2.13 Inductor's int8 convolution lowering
+    gets the output strides wrong when the batch dimension is symbolic (an ``assert_size_stride``
+    failure on the first dynamic recompile). So a batch runs in chunks of at most
+    :attr:`CHUNK` rows, each padded to the next power of two (at least 2: a batch of one
+    specializes differently): eight sizes at most, within Dynamo's recompile limit.
+    """
+
+    CHUNK = 256
 
     def __init__(self, graph: nn.Module):
         super().__init__()
@@ -325,8 +334,15 @@ class Compiled(nn.Module):
 
         with inductor.patch(freezing=True), torch.no_grad():
             if self._compiled is None:
-                self._compiled = torch.compile(self.graph)
-            return self._compiled(x)
+                self._compiled = torch.compile(self.graph, dynamic=False)
+            return torch.cat([self._padded(part) for part in x.split(self.CHUNK)])
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        n = len(x)
+        size = max(2, 1 << (n - 1).bit_length())
+        if size != n:
+            x = torch.cat([x, x.new_zeros((size - n, *x.shape[1:]))])
+        return self._compiled(x.contiguous())[:n]
 
     def train(self, mode: bool = True) -> Compiled:
         return self  # an exported graph has no train mode (it runs as it was exported: eval)

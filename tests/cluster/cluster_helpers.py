@@ -106,7 +106,13 @@ TEXT = [
     "gpt.gpt_width=32",
     "lstm.lstm_hidden=16",
 ]
-COMPRESS = ["pruned.warmup=1", "pruned.rounds=2"]
+COMPRESS = [
+    "pruned.warmup=1",
+    "pruned.rounds=2",
+    "int8.warmup=1",
+    "int8.rounds=2",
+    "int8.calibration_rows=64",
+]
 #: Overrides that shrink each shipped pipeline (pipelines/*.yaml) to seconds of training.
 SHRINK = {
     "ddpg.yaml": RL,

@@ -21,6 +21,7 @@ from components.api import InputArtifact, Resources, StageContext
 from components.bundle import load_model, read_bundle
 from components.data.dataset import load_numpy
 from components.model.compress import Compress, CompressConfig, model_input, supported
+from components.model.compression import sparsity
 from components.tune.evaluate import EvaluateConfig, check_thresholds
 from components.vision.train import test_scores as scores_of
 from pipelines import spec
@@ -97,8 +98,7 @@ def test_pruned_and_fine_tuned_model_is_scored_again_and_gated(pipeline_run):
     assert metrics["original/test/accuracy"] == scores_of(original, data_dir)["test/accuracy"]
     # Half the weights pruned, and still zero after the fine-tuning epoch (masks held them).
     assert 0.45 < metrics["compress/sparsity"] < 0.55
-    conv = model.module.body[0].weight
-    assert (conv == 0).float().mean() > 0.2
+    assert 0.45 < sparsity(model.module) < 0.55  # the saved model's, read back
     assert metrics["compress/gzip_ratio"] < 0.9 and 0.95 < metrics["compress/size_ratio"] < 1.05
     assert metrics["test/accuracy"] > 0.5  # it still classifies digits (chance: 0.1)
     assert metrics["compress/latency_ms_b64"] > 0 and metrics["compress/speedup_b1"] > 0
@@ -136,8 +136,16 @@ def test_structured_dynamic_int8_loads_in_a_fresh_process_and_repeats(pipeline_r
         ctx = context(pipeline_run, tmp_path / name)
         metrics = Compress().run(ctx, config)
         outs.append(ctx.out_dir)
-    # Channels really removed: fewer weights, a smaller file.
-    assert metrics["compress/size_ratio"] < 0.6
+
+    # Channels really removed: fewer weights (half the channels of each layer leave about a
+    # third of the weights), a smaller file (at this size torch.save's per-tensor framing is a
+    # good part of it).
+    def weights(model) -> int:
+        return sum(p.numel() for p in model.module.parameters())
+
+    original = load_model(pipeline_run.stages["classifier"].artifact)
+    assert weights(load_model(outs[0])) < 0.5 * weights(original)
+    assert metrics["compress/size_ratio"] < 0.9
     shapes = read_bundle(outs[0]).meta["compression"]["shapes"]
     assert shapes["body.0.weight"][0] == 4  # 8 channels, half removed
     # Deterministic: the same bytes from the same input and settings.
@@ -160,10 +168,6 @@ def test_structured_dynamic_int8_loads_in_a_fresh_process_and_repeats(pipeline_r
     assert served.info["component"] == "vision.train" and served.info["kind"] == "model/classifier"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torch 2.13 Inductor's int8 conv lowering fails its stride check on these CNNs",
-)
 def test_static_int8_is_calibrated_and_scored(pipeline_run, tmp_path):
     ctx = context(pipeline_run, tmp_path / "s")
     config = CompressConfig(quantize="static", calibration_rows=64, warmup=1, rounds=1)

@@ -66,7 +66,7 @@ def digits(epochs: int | None, rounds: int) -> dict:
 def dynamic_size_ratio(module) -> dict:
     import torch
 
-    from components.model.compression import pack_dynamic, quantize_dynamic
+    from components.compression import pack_dynamic, quantize_dynamic
 
     def size(state) -> int:
         buffer = io.BytesIO()

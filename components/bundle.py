@@ -174,7 +174,7 @@ def build_module(bundle: Bundle, build: Any) -> Any:
     module = build(bundle.hparams)
     recipe = bundle.meta.get("compression")
     if recipe:
-        from components.model.compression import restore
+        from components.compression import restore
 
         return restore(module, recipe, weights, bundle)
     module.load_state_dict(weights)

@@ -144,7 +144,7 @@ def start_from(model, loop: Loop):
     ``masks`` that keep zeros at zero while training), that model resized and loaded."""
     if loop.start is None:
         return model
-    from components.model.compression import apply_masks, resize
+    from components.compression import apply_masks, resize
 
     resize(model, loop.start.get("shapes") or {})
     model.load_state_dict(loop.start["weights"])

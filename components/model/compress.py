@@ -5,8 +5,9 @@ the original.
 Read top to bottom: the config, then the stage: check the input (its checksums, its family's
 support), score the original, prune (and fine-tune on Ray Train with the family's own loop),
 quantize, save, load the saved model back through the family loader and score it on the same
-test split, and time both at a fixed thread count. The mechanics are in ``compression.py``;
-what each family allows is its ``Trainable.compression`` (``components/contract.py``).
+test split, and time both at a fixed thread count. The mechanics are in
+``components/compression.py``; what each family allows is its ``Trainable.compression``
+(``components/contract.py``).
 
 Honest sizes: unstructured pruning only writes zeros, so a dense ``weights.pt`` keeps its size
 (``compress/sparsity`` and the gzip size show what the zeros are worth); structured pruning
@@ -95,9 +96,9 @@ class Compress(Component):
         import copy
         from dataclasses import replace
 
+        from components import compression as c
         from components.bundle import WEIGHTS_FILE, read_bundle, save_bundle
         from components.contract import ScoreSettings
-        from components.model import compression as c
 
         source = model_input(ctx)
         bundle = read_bundle(source.path)
@@ -231,8 +232,8 @@ def finetune(ctx, trainable, bundle, prune: Prune, module, shapes: dict, masks: 
     """The pruned ``module`` after ``prune.finetune_epochs`` of the family's own loop on Ray
     Train, on the train split of the data in ``needs:``, the pruned weights held at zero; its
     best epoch's weights (by the family's own validation metric), masks made permanent."""
+    from components import compression as c
     from components import training
-    from components.model import compression as c
 
     if trainable.train_func is None:
         raise ValueError(
@@ -257,7 +258,7 @@ def finetune(ctx, trainable, bundle, prune: Prune, module, shapes: dict, masks: 
 def quantized_state(module, config: CompressConfig, support, original, data_dir) -> dict[str, Any]:
     """The state to save of ``module`` quantized as ``config.quantize`` says (see
     ``compression.restore``, which rebuilds it)."""
-    from components.model import compression as c
+    from components import compression as c
 
     module.eval()
     if config.quantize == "dynamic":
@@ -277,7 +278,7 @@ def quantized_state(module, config: CompressConfig, support, original, data_dir)
 def timings(original, compressed, support, loaded, data_dir, config: CompressConfig) -> dict:
     """Median milliseconds of a forward pass of each network at each of ``BATCHES``, on test
     rows, in interleaved rounds at ``config.threads`` threads."""
-    from components.model import compression as c
+    from components import compression as c
 
     modules = {"original": original, "compressed": compressed}
     with c.threads(config.threads):

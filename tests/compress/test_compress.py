@@ -19,9 +19,9 @@ from pipeline_helpers import run_ok
 
 from components.api import InputArtifact, Resources, StageContext
 from components.bundle import load_model, read_bundle
+from components.compression import sparsity
 from components.data.dataset import load_numpy
 from components.model.compress import Compress, CompressConfig, model_input, supported
-from components.model.compression import sparsity
 from components.tune.evaluate import EvaluateConfig, check_thresholds
 from components.vision.train import test_scores as scores_of
 from pipelines import spec

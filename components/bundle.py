@@ -164,6 +164,24 @@ def load_model(artifact_dir: str | Path) -> Any:
     return read_bundle(artifact_dir).load()
 
 
+def build_module(bundle: Bundle, build: Any) -> Any:
+    """A family loader's network: ``build(hparams)`` with the bundle's weights loaded, in eval
+    mode on the CPU. A compressed model (``meta["compression"]``, written by
+    ``model.compress``) is first pruned and quantized again as recorded, so every family loads
+    its compressed models with its own loader.
+    """
+    weights = bundle.weights()["model"]  # read first: a bad file fails before anything
+    module = build(bundle.hparams)
+    recipe = bundle.meta.get("compression")
+    if recipe:
+        from components.compression import restore
+
+        return restore(module, recipe, weights, bundle)
+    module.load_state_dict(weights)
+    module.eval()
+    return module
+
+
 def _plain(value: Any) -> Any:
     for attr in ("item", "tolist"):
         if hasattr(value, attr):

@@ -88,6 +88,25 @@ class Smoke:
 
 
 @dataclass(frozen=True)
+class Compression:
+    """What ``model.compress`` may do to a family's network (its loader rebuilds the result
+    through ``bundle.build_module``).
+
+    Attributes:
+        quantize: the int8 methods that fit the network: ``dynamic`` (Linear and LSTM),
+            ``weight_only`` (Linear, torchao), ``static`` (a CNN, torchao's PT2E flow).
+        structured: whether structured pruning can remove channels: the network must be one
+            chain of Conv2d/Linear layers with optional norms between (the CNN, the MLP).
+        inputs: ``(model, data_dir, split, n) -> args``: ``n`` rows of a split as the arguments
+            of the loaded model's ``module`` (to time it and to calibrate static int8).
+    """
+
+    quantize: tuple[str, ...]
+    structured: bool
+    inputs: Callable[[Any, Path, str, int], tuple]
+
+
+@dataclass(frozen=True)
 class Trainable:
     """How to train, search, export, load and score one family's model.
 
@@ -122,6 +141,7 @@ class Trainable:
             model's ``model/classifier``): a gate given such a model beside this family's
             takes this family's as the candidate.
         smoke: the family's smallest real run (see :class:`Smoke`).
+        compression: what ``model.compress`` may do to its models (None: nothing).
     """
 
     component: str
@@ -143,6 +163,7 @@ class Trainable:
     reads_models: tuple[str, ...] = ()
     smoke: Smoke | None = None
     scored_on: Callable[[Any], dict[str, Mode]] | None = None
+    compression: Compression | None = None
 
     def __post_init__(self) -> None:
         if (self.train_func is None) == (self.trial is None):

@@ -33,6 +33,7 @@ COMPONENTS: dict[str, str] = {
     "text.lm": "components.text.lm:LanguageModelStage",
     "tune.search": "components.tune.search:TuneSearch",
     "tune.evaluate": "components.tune.evaluate:TuneEvaluate",
+    "model.compress": "components.model.compress:Compress",
     "serve.deploy": "components.serve.deploy:ServeDeploy",
 }
 

@@ -77,12 +77,15 @@ class Loop:
         progress: a queue for live progress (rank 0 puts each epoch's metrics), or None.
         trial: inside a Tune search, (trial id, the queue that takes the trial's placement
             group); None in a stage.
+        start: the weights to start from instead of a fresh initialization (fine-tuning a
+            pruned model, see :func:`start_from`); None: a fresh start.
     """
 
     config: dict[str, Any]
     data: Any = None
     progress: Any = None
     trial: tuple[str, Any] | None = None
+    start: dict[str, Any] | None = None
 
     def settings(self, model: type[Settings]) -> Settings:
         """The config, validated as the component's ``Config``."""
@@ -133,6 +136,19 @@ class TrainResult:
 
 
 # --- inside the workers -------------------------------------------------------------------
+
+
+def start_from(model, loop: Loop):
+    """The freshly built ``model``, or, when the loop starts from given weights
+    (``Loop.start``: ``weights``, with the ``shapes`` structured pruning left and the pruning
+    ``masks`` that keep zeros at zero while training), that model resized and loaded."""
+    if loop.start is None:
+        return model
+    from components.compression import apply_masks, resize
+
+    resize(model, loop.start.get("shapes") or {})
+    model.load_state_dict(loop.start["weights"])
+    return apply_masks(model, loop.start.get("masks") or {})
 
 
 def device():
@@ -326,6 +342,7 @@ def fit(
     ctx: StageContext,
     data: TrialData,
     split: tuple[str, ...] = ("train",),
+    start: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Runs a training function on Ray Train as the stage's resources say.
 
@@ -342,6 +359,7 @@ def fit(
         ctx: the stage context (resources, scratch directory, progress).
         data: what the family's ``prepare`` read: datasets and the data's description.
         split: datasets sharded across the workers.
+        start: weights the workers start from (see :func:`start_from`); None: fresh.
 
     Raises:
         RuntimeError: the training run failed (the message carries the workers' error).
@@ -371,7 +389,9 @@ def fit(
     free = ray.available_resources().get("CPU", 0)
     if free < needed:
         ctx.progress(note=f"waiting for {needed:g} CPUs for the workers ({free:g} free now)")
-    loop = Loop(config=settings.model_dump(mode="json"), data=data.spec, progress=progress)
+    loop = Loop(
+        config=settings.model_dump(mode="json"), data=data.spec, progress=progress, start=start
+    )
     trainer = TorchTrainer(
         train_func,
         train_loop_config=loop.as_train_config(),

@@ -317,6 +317,9 @@ def _stage_section(
         best = path / "best_config.json"
         if best.is_file():
             parts.append("<h3>Best config</h3>" + _table(_flatten(json.loads(best.read_text()))))
+        compression = path / "compression.json"
+        if compression.is_file():  # model.compress: the original and its compressed copy
+            parts.append(_compression(json.loads(compression.read_text())))
         samples = path / "samples.txt"
         if samples.is_file():  # a language model's generated text
             parts.append(f"<h3>Samples</h3><pre>{_e(samples.read_text()[:20_000])}</pre>")
@@ -486,6 +489,17 @@ def _decision(decision: dict[str, Any]) -> str:
     if candidate_metrics:
         parts.append("<h4>The candidate's test metrics</h4>" + _table(candidate_metrics))
     return "\n".join(parts)
+
+
+def _compression(record: dict[str, Any]) -> str:
+    """The original and the compressed model side by side: size, sparsity, latency, scores."""
+    original, compressed = record.get("original") or {}, record.get("compressed") or {}
+    rows = {
+        key: {"original": original[key], "compressed": compressed[key]}
+        for key in original
+        if key in compressed and _finite(original[key]) and _finite(compressed[key])
+    }
+    return "<h3>Original vs compressed</h3>" + _grid_table(["original", "compressed"], rows)
 
 
 def _num(value: Any) -> str:

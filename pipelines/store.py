@@ -138,8 +138,12 @@ def _stays_inside(rel: str) -> bool:
     return bool(rel) and not parts.is_absolute() and ".." not in parts.parts
 
 
-def _check_files(local: Path, manifest: dict[str, Any]) -> None:
-    """Checks every file the manifest lists: present, right size, right sha256."""
+def check_files(local: Path, manifest: dict[str, Any]) -> None:
+    """Checks every file the manifest lists: present, right size, right sha256.
+
+    Raises:
+        ArtifactInvalid: naming the first file that is not.
+    """
     for rel, meta in manifest.get("files", {}).items():
         if not _stays_inside(rel):
             raise ArtifactInvalid(f"file {rel} leaves the artifact's directory")
@@ -350,13 +354,13 @@ class Store:
             raise ArtifactInvalid("no manifest.json")
         local = self.local_artifact_dir(component, key, manifest)
         try:
-            _check_files(local, manifest)
+            check_files(local, manifest)
         except ArtifactInvalid:
             if self.is_local:
                 raise
             # A torn or stale download on this node: fetch once more before calling it broken.
             shutil.rmtree(local, ignore_errors=True)
-            _check_files(self.local_artifact_dir(component, key, manifest), manifest)
+            check_files(self.local_artifact_dir(component, key, manifest), manifest)
         return manifest
 
     def local_artifact_dir(self, component: str, key: str, manifest: dict[str, Any]) -> Path:

@@ -113,7 +113,7 @@ def train_func(config: dict[str, Any]) -> None:
     spec = loop.data
     dev = training.device()
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_model(spec, cfg)
+    model = training.start_from(build_model(spec, cfg), loop)  # fine-tuning: given weights
     model.to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.schedule == "cosine":

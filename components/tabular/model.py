@@ -95,14 +95,12 @@ class TabularModel:
     """
 
     def __init__(self, bundle):
+        from components.bundle import build_module
         from components.data.table import TableSpec
 
         self.bundle = bundle
-        weights = bundle.weights()["model"]  # read first: a bad file fails before anything
+        self.module = build_module(bundle, MLP.from_hparams)
         self.spec = TableSpec.from_dict(bundle.meta["table"])
-        self.module = MLP.from_hparams(bundle.hparams)
-        self.module.load_state_dict(weights)
-        self.module.eval()
 
     def outputs(self, x_num: np.ndarray, x_cat: np.ndarray, batch_size: int = 4096) -> np.ndarray:
         """Raw outputs (float64) of encoded inputs: standardized values (regression, (N,)) or

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from components.api import StageContext
-from components.contract import Mode, ScoreSettings, Smoke, Trainable, TrialData
+from components.contract import Compression, Mode, ScoreSettings, Smoke, Trainable, TrialData
 from components.tabular.mlp import build_model, prepare, save_scored, test_scores, train_func
 
 REGRESSION: dict[str, Mode] = {
@@ -50,6 +50,25 @@ def scored_on(bundle) -> dict[str, Mode]:
     return REGRESSION if bundle.output["type"] == "value" else CLASSIFICATION
 
 
+def compression_inputs(model, data_dir: Path, split: str, n: int) -> tuple:
+    """``n`` encoded rows of a split (numeric inputs, category codes; repeated if short)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from components.data.dataset import load_dataset_info
+
+    tables, rows = [], 0
+    for path in load_dataset_info(data_dir).shard_paths(split):
+        tables.append(pq.read_table(path))
+        rows += tables[-1].num_rows
+        if rows >= n:
+            break
+    x_num, x_cat = model.spec.encode_shard(pa.concat_tables(tables))
+    return tuple(torch.as_tensor(np.resize(x, (n, *x.shape[1:]))) for x in (x_num, x_cat))
+
+
 TRAINABLE = Trainable(
     component="tabular.mlp",
     produces="model/mlp",
@@ -74,5 +93,8 @@ TRAINABLE = Trainable(
         config={"epochs": 3, "batch_size": 64, "widths": [16]},
         space={"lr": {"choice": [3.0e-3]}},
         needs=("dataset/tabular",),
+    ),
+    compression=Compression(
+        quantize=("dynamic", "weight_only"), structured=True, inputs=compression_inputs
     ),
 )

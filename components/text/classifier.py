@@ -82,7 +82,7 @@ def train_func(config: dict[str, Any]) -> None:
     spec = loop.data
     dev = training.device()
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = LSTMClassifier(**hparams_of(spec, cfg)).to(dev)
+    model = training.start_from(LSTMClassifier(**hparams_of(spec, cfg)), loop).to(dev)
     train = common.shard_rows("train", ("ids", "label"))
     val = common.shard_rows("val", ("ids", "label"))
     rows = len(train["label"])

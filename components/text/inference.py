@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from components.bundle import build_module
 from components.text.tokenizer import Tokenizer
 
 
@@ -21,14 +22,6 @@ def load_classifier(bundle) -> TextClassifierModel:
 def load_lm(bundle) -> LanguageModel:
     """The loader of a ``model/lm`` bundle."""
     return LanguageModel(bundle)
-
-
-def _module(bundle, build) -> torch.nn.Module:
-    weights = bundle.weights()["model"]  # read first: a bad file fails before anything
-    module = build(bundle.hparams)
-    module.load_state_dict(weights)
-    module.eval()
-    return module
 
 
 class TextClassifierModel:
@@ -44,7 +37,7 @@ class TextClassifierModel:
         from components.text.models import LSTMClassifier
 
         self.bundle = bundle
-        self.module = _module(bundle, lambda hp: LSTMClassifier(**hp))
+        self.module = build_module(bundle, lambda hp: LSTMClassifier(**hp))
         self.tokenizer = Tokenizer.from_json(bundle.meta["tokenizer"])
         self.max_tokens = int(bundle.meta["max_tokens"])
 
@@ -95,7 +88,7 @@ class LanguageModel:
         from components.text.models import build_lm
 
         self.bundle = bundle
-        self.module = _module(bundle, build_lm)
+        self.module = build_module(bundle, build_lm)
         self.tokenizer = Tokenizer.from_json(bundle.meta["tokenizer"])
 
     def generate(

@@ -139,7 +139,7 @@ def train_func(config: dict[str, Any]) -> None:
     dev = training.device()
     rank, _ = training.world()
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = build_lm(hparams_of(spec, cfg)).to(dev)
+    model = training.start_from(build_lm(hparams_of(spec, cfg)), loop).to(dev)
     blocks = full_blocks(common.shard_rows("train", ("ids",))["ids"], spec.block_tokens, rank)
     val = common.shard_rows("val", ("ids",))
     tokenizer = Tokenizer.from_json(spec.tokenizer)

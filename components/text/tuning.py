@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from components.api import StageContext
-from components.contract import ScoreSettings, Smoke, Trainable, TrialData
+from components.contract import Compression, ScoreSettings, Smoke, Trainable, TrialData
 from components.text import classifier, lm
 
 
@@ -50,6 +50,30 @@ def _scores(family, model, data_dir: Path) -> dict[str, Any]:
     return scores[0] if isinstance(scores, tuple) else scores  # the classifier's: + confusion
 
 
+def _classifier_inputs(_model, data_dir: Path, split: str, n: int) -> tuple:
+    """``n`` texts of a split as padded ids and lengths (repeated if the split is short)."""
+    import numpy as np
+
+    from components.text.common import padded, table_rows
+    from components.text.prepare import load_split
+
+    rows = table_rows(load_split(data_dir, split), ("ids", "label"))
+    return padded(rows["ids"], np.arange(n) % max(len(rows["label"]), 1), "cpu")
+
+
+def _lm_inputs(model, data_dir: Path, split: str, n: int) -> tuple:
+    """``n`` windows of the model's context from a split's tokens."""
+    import numpy as np
+    import torch
+
+    from components.text.common import table_rows
+    from components.text.prepare import load_split
+
+    flat = table_rows(load_split(data_dir, split), ("ids",))["ids"][0]
+    context = model.bundle.config["context"]
+    return (torch.as_tensor(np.resize(flat, n * context).reshape(n, context)),)
+
+
 CLASSIFIER = Trainable(
     component="text.classifier",
     produces="model/text-classifier",
@@ -77,6 +101,9 @@ CLASSIFIER = Trainable(
         space={"lr": {"choice": [1.0e-2]}},
         needs=("dataset/text/classification",),
     ),
+    compression=Compression(
+        quantize=("dynamic", "weight_only"), structured=False, inputs=_classifier_inputs
+    ),
 )
 
 LM = Trainable(
@@ -102,5 +129,8 @@ LM = Trainable(
         },
         space={"lr": {"choice": [3.0e-3]}},
         needs=("dataset/text/language_model",),
+    ),
+    compression=Compression(
+        quantize=("dynamic", "weight_only"), structured=False, inputs=_lm_inputs
     ),
 )

@@ -70,6 +70,8 @@ class EvaluateConfig(StrictModel):
             metric's own.
         min: thresholds the candidate must reach (``{test/accuracy: 0.9}``).
         max: ceilings the candidate must stay under (``{test/loss: 0.5}``).
+        max_drop: how much worse than the model it was compressed from a compressed candidate
+            (``model.compress``) may score, on the same test split (``{test/accuracy: 0.005}``).
         promote_if_better_by: the margin by which the candidate must beat the champion.
         register_as: the registered model in MLflow; null evaluates and checks the thresholds
             without touching the registry.
@@ -84,6 +86,7 @@ class EvaluateConfig(StrictModel):
     mode: Literal["max", "min"] | None = None
     min: dict[str, float] = Field(default_factory=dict)
     max: dict[str, float] = Field(default_factory=dict)
+    max_drop: dict[str, float] = Field(default_factory=dict)
     promote_if_better_by: float = Field(0.0, ge=0)
     register_as: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9][\w.-]*$")
     candidate: str | None = None
@@ -112,7 +115,7 @@ class EvaluateConfig(StrictModel):
         """
         scored = trainable.test_metrics if bundle is None else trainable.test_metrics_of(bundle)
         metric = self.metric or next(iter(scored))
-        for name in [metric, *self.min, *self.max]:
+        for name in [metric, *self.min, *self.max, *self.max_drop]:
             if name not in scored:
                 raise ValueError(
                     f"a {trainable.component} model is not scored on {name}; it is on: "
@@ -121,11 +124,19 @@ class EvaluateConfig(StrictModel):
         mode = self.mode or scored[metric]
         return self.model_copy(update={"metric": metric, "mode": mode})
 
-    @field_validator("min", "max")
+    @field_validator("min", "max", "max_drop")
     @classmethod
     def _thresholds(cls, value: dict[str, float]) -> dict[str, float]:
         for name in value:
             _known_metric(name)
+        return value
+
+    @field_validator("max_drop")
+    @classmethod
+    def _drops(cls, value: dict[str, float]) -> dict[str, float]:
+        negative = [name for name, drop in value.items() if drop < 0]
+        if negative:
+            raise ValueError(f"a drop is 0 or more: {', '.join(negative)}")
         return value
 
 
@@ -144,11 +155,29 @@ class Decision:
     failed_thresholds: list[str] = field(default_factory=list)
 
 
-def check_thresholds(metrics: dict[str, float], config: EvaluateConfig) -> list[str]:
-    """The thresholds the candidate misses, as readable lines (empty: it meets them all)."""
-    absent = [name for name in [*config.min, *config.max] if name not in metrics]
+def check_thresholds(
+    metrics: dict[str, float], config: EvaluateConfig, original: dict[str, float] | None = None
+) -> list[str]:
+    """The thresholds the candidate misses, as readable lines (empty: it meets them all).
+
+    Args:
+        metrics: the candidate's test metrics.
+        config: the gate's settings.
+        original: the test metrics of the model a compressed candidate was made from
+            (``max_drop`` compares with them); None for a candidate that was not compressed.
+
+    Raises:
+        ValueError: a threshold on a metric the candidate lacks, or ``max_drop`` for a
+            candidate that was not compressed.
+    """
+    absent = [name for name in [*config.min, *config.max, *config.max_drop] if name not in metrics]
     if absent:
         raise ValueError(f"the candidate has no {', '.join(absent)} (see the thresholds)")
+    if config.max_drop and original is None:
+        raise ValueError(
+            "max_drop compares a compressed model with its original: the candidate is not a "
+            "model.compress stage's model"
+        )
     missed = [
         f"{name} {metrics[name]:.4f} < min {floor:g}"
         for name, floor in config.min.items()
@@ -159,20 +188,36 @@ def check_thresholds(metrics: dict[str, float], config: EvaluateConfig) -> list[
         for name, ceiling in config.max.items()
         if metrics[name] > ceiling
     ]
+    modes = registry.metric_modes()
+    for name, bound in config.max_drop.items():
+        worse = (
+            original[name] - metrics[name]
+            if modes[name] == "max"
+            else metrics[name] - original[name]
+        )
+        if worse > bound:
+            missed.append(
+                f"{name} {metrics[name]:.4f} is {worse:.4f} worse than the original's "
+                f"{original[name]:.4f} > max_drop {bound:g}"
+            )
     return missed
 
 
 def decide(
-    metrics: dict[str, float], champion: float | None, config: EvaluateConfig
+    metrics: dict[str, float],
+    champion: float | None,
+    config: EvaluateConfig,
+    original: dict[str, float] | None = None,
 ) -> tuple[bool, str, list[str]]:
-    """Whether a candidate with ``metrics`` replaces a champion scoring ``champion``.
+    """Whether a candidate with ``metrics`` replaces a champion scoring ``champion``
+    (``original``: see :func:`check_thresholds`).
 
     Returns:
         (promote, the reason in words, the thresholds it missed).
     """
     if config.metric is None or config.mode is None:
         raise ValueError("the gate's metric is not resolved yet (see EvaluateConfig.resolved)")
-    missed = check_thresholds(metrics, config)
+    missed = check_thresholds(metrics, config, original)
     if missed:
         return False, "below thresholds: " + "; ".join(missed), missed
     value = metrics[config.metric]
@@ -238,6 +283,7 @@ def gate(
     config: EvaluateConfig,
     tags: dict[str, str] | None = None,
     log_model: bool = False,
+    original: dict[str, float] | None = None,
 ) -> Decision:
     """Registers the candidate as a new version of ``model`` and moves the ``champion`` alias
     to it if :func:`decide` says so; safe against concurrent gates of the same model.
@@ -251,6 +297,7 @@ def gate(
         tags: more tags for the version (run id, stage, artifact digest). With the
             ``GATE_IDENTITY`` tags, a gate run again after its driver died (``raypipe
             resume``) finds the version it registered and does not register it twice.
+        original: a compressed candidate's original test metrics (``max_drop``).
         log_model: log the candidate (a model bundle) as an MLflow model and make that the
             version's source; otherwise the version's source is the folder itself.
     """
@@ -275,7 +322,7 @@ def gate(
             champion = _float_or_none(earlier.tags.get("gate.champion"))
             version = earlier
         else:
-            promote, reason, missed = decide(metrics, champion, config)
+            promote, reason, missed = decide(metrics, champion, config, original)
             decision_tags = {
                 "gate.promoted": str(promote).lower(),
                 "gate.reason": reason,
@@ -358,8 +405,10 @@ class TuneEvaluate(Component):
         config = config.resolved(trainable, bundle)
         settings = ScoreSettings(episodes=config.episodes, seed=config.seed)
         metrics = trainable.score(bundle, ctx, settings)
+        # A compressed model carries its original's scores on the same split (model.compress).
+        original = (bundle.meta.get("compression") or {}).get("original", {}).get("metrics")
         if config.register_as is None:
-            missed = check_thresholds(metrics, config)
+            missed = check_thresholds(metrics, config, original)
             decision = Decision(
                 promoted=False,
                 reason=("below thresholds: " + "; ".join(missed))
@@ -384,6 +433,7 @@ class TuneEvaluate(Component):
                     "raypipe.digest": str(candidate.manifest.get("digest", "")),
                 },
                 log_model=True,
+                original=original,
             )
         record = {"candidate_metrics": metrics, **asdict(decision)}
         (ctx.out_dir / DECISION_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))

@@ -86,11 +86,10 @@ class ClassifierModel:
     """
 
     def __init__(self, bundle):
+        from components.bundle import build_module
+
         self.bundle = bundle
-        weights = bundle.weights()["model"]  # read first: a bad file fails before anything
-        self.module = Classifier.from_hparams(bundle.hparams)
-        self.module.load_state_dict(weights)
-        self.module.eval()
+        self.module = build_module(bundle, Classifier.from_hparams)
 
     def logits(self, images, batch_size: int = 512) -> torch.Tensor:
         """Logits of normalized float32 images (N, C, H, W) (numpy or tensor)."""

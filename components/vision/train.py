@@ -101,7 +101,7 @@ def train_func(config: dict[str, Any]) -> None:
     dev = training.device()
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     num_classes = spec.num_classes
-    model = build_classifier(spec, cfg)
+    model = training.start_from(build_classifier(spec, cfg), loop)  # fine-tuning: given weights
     model.to(dev)
     optimizer = _optimizer(model, cfg)
     scheduler = _scheduler(optimizer, cfg)

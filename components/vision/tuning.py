@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from components.api import StageContext
-from components.contract import ScoreSettings, Smoke, Trainable, TrialData
+from components.contract import Compression, ScoreSettings, Smoke, Trainable, TrialData
 from components.vision.train import (
     build_classifier,
     describe,
@@ -46,6 +46,17 @@ def score(bundle, ctx: StageContext, _settings: ScoreSettings) -> dict[str, Any]
     return test_scores(bundle.load(), data.path)
 
 
+def compression_inputs(_model, data_dir: Path, split: str, n: int) -> tuple:
+    """``n`` normalized images of a split (its rows repeated if it has fewer)."""
+    import numpy as np
+    import torch
+
+    from components.data.dataset import load_numpy
+
+    x, _ = load_numpy(data_dir, split)
+    return (torch.as_tensor(np.resize(x, (n, *x.shape[1:]))),)
+
+
 TRAINABLE = Trainable(
     component="vision.train",
     produces="model/classifier",
@@ -65,5 +76,8 @@ TRAINABLE = Trainable(
         config={"epochs": 2, "batch_size": 64, "width": 8, "depth": 1},
         space={"lr": {"choice": [3.0e-3]}},
         needs=("dataset/image",),
+    ),
+    compression=Compression(
+        quantize=("dynamic", "static", "weight_only"), structured=True, inputs=compression_inputs
     ),
 )

@@ -106,6 +106,13 @@ TEXT = [
     "gpt.gpt_width=32",
     "lstm.lstm_hidden=16",
 ]
+COMPRESS = [
+    "pruned.warmup=1",
+    "pruned.rounds=2",
+    "int8.warmup=1",
+    "int8.rounds=2",
+    "int8.calibration_rows=64",
+]
 #: Overrides that shrink each shipped pipeline (pipelines/*.yaml) to seconds of training.
 SHRINK = {
     "ddpg.yaml": RL,
@@ -117,6 +124,7 @@ SHRINK = {
     "tabular.yaml": TABULAR,
     "demo.yaml": DATA + CLASSIFIER + RL + GENERATIVE + SEARCH,
     "text.yaml": TEXT,
+    "compress.yaml": DATA + CLASSIFIER + COMPRESS,
 }
 
 

@@ -271,6 +271,15 @@ class Component:
         whose kind depends on its config or data (``data.prepare``) overrides this."""
         return self.produces
 
+    def stale_because(self, artifact: Path) -> str | None:
+        """For a stage whose product lives outside the store as well (a running service): why
+        its cached ``artifact`` no longer describes the world, or None when it still does.
+
+        The engine asks before it reuses a cached artifact of a component that overrides this
+        (with Ray connected); a reason makes the stage run again, as a broken artifact does.
+        """
+        return None
+
     def run(self, ctx: StageContext, config: Any) -> dict[str, Any]:
         """Does the stage's work, writing files into ``ctx.out_dir``; returns metrics."""
         raise NotImplementedError

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from components import registry
+from components.api import Component
 from pipelines import spec as spec_mod
 from pipelines.guards import (
     REDACTED,
@@ -54,7 +55,12 @@ from pipelines.spec import Pipeline, Stage
 from pipelines.stage_task import StageJob, remote_stage_task
 from pipelines.store import ArtifactInvalid, Store, digest_of
 
+
 __all__ = ["PIPELINE_FILE", "RUN_FILE", "RunLocked", "RunRecord", "Runner", "load_record"]
+
+
+class StaleArtifact(ArtifactInvalid):
+    """A cached artifact whose files check out but whose product outside the store is gone."""
 
 
 def new_run_id() -> str:
@@ -438,12 +444,20 @@ class Runner:
         """The manifest of a published artifact whose every file checks out.
 
         Raises:
-            ArtifactInvalid: missing, altered, or published before artifacts said their kind
-                (consumers find inputs by kind: such an artifact is computed again).
+            ArtifactInvalid: missing, altered, published before artifacts said their kind
+                (consumers find inputs by kind: such an artifact is computed again), or what
+                it describes outside the store is gone (``Component.stale_because``).
         """
         manifest = self.store.verify(component, key)
         if "kind" not in manifest:
             raise ArtifactInvalid("published before artifacts had kinds")
+        cls = registry.get(component)
+        if cls.stale_because is not Component.stale_because:
+            self._ensure_ray()
+            local = self.store.local_artifact_dir(component, key, manifest)
+            reason = cls().stale_because(local)
+            if reason:
+                raise StaleArtifact(reason)
         return manifest
 
     def _start_ready(self, pending: list[str], running: dict[Any, str]) -> None:
@@ -491,7 +505,8 @@ class Runner:
                 manifest = self._verified(stage.uses, key)
             except ArtifactInvalid as e:
                 if self.store.read_manifest(stage.uses, key) is not None:
-                    self._say(name, f"cached artifact is broken ({e}); recomputing")
+                    what = "is stale" if isinstance(e, StaleArtifact) else "is broken"
+                    self._say(name, f"cached artifact {what} ({e}); recomputing")
                     st.recomputed_because = str(e)
                     self.store.discard(stage.uses, key)
             else:

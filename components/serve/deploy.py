@@ -97,6 +97,25 @@ class ServeDeploy(Component):
     produces = "service/serve"
     resources_affect_output = False
 
+    def stale_because(self, artifact: Path) -> str | None:
+        """A cached deployment stands only while its application runs and serves the same
+        model: one deleted (``serve delete``), replaced, or lost with its cluster is deployed
+        again when the pipeline runs again."""
+        from ray import serve
+
+        deployed = json.loads((artifact / DEPLOYMENT_FILE).read_text())
+        app = serve.status().applications.get(deployed["app"])
+        if app is None or app.status != "RUNNING":
+            state = "not on this cluster" if app is None else app.status
+            return f"its Serve application {deployed['app']!r} is {state}"
+        try:
+            served = serve.get_app_handle(deployed["app"]).describe.remote().result(timeout_s=60)
+        except Exception as e:  # another application under the name: it has no describe()
+            return f"its Serve application {deployed['app']!r} does not answer ({type(e).__name__})"
+        if served.get("model") != deployed["model"]:
+            return f"its Serve application {deployed['app']!r} now serves {served.get('model')!r}"
+        return None
+
     def run(self, ctx: StageContext, config: ServeDeployConfig) -> dict[str, Any]:
         model = config.model
         if model is None:

@@ -384,3 +384,24 @@ def test_a_gate_moves_the_alias_under_load_and_no_request_fails(served):
     assert model["version"] == "2" and model["stage"] == "strong"
     assert model["digest"] == _digest(served["art"]["strong"])
     assert [(s["from"], s["to"]) for s in model["follow"]["swaps"]] == [("1", "2")]
+
+
+def test_a_cached_deploy_stands_while_its_application_runs_and_deploys_again_once_deleted(
+    served,
+):
+    """Run again with the application up: every stage is cached, the deploy too. Delete the
+    application (`serve delete`), run again: the deploy stage, and only it, runs, says why, and
+    the champion answers again."""
+    from ray import serve
+
+    path = served["store"].parent / "serve.yaml"
+    again = run_ok(spec.load(path))
+    assert all(stage.cache_hit for stage in again.stages.values()), again.stages
+    serve.delete("digits")
+    wait_for(lambda: "digits" not in serve.status().applications, 60, "the app deleted")
+    redeployed = run_ok(spec.load(path))
+    deploy = redeployed.stages["deploy"]
+    assert not deploy.cache_hit and "'digits' is not on this cluster" in deploy.recomputed_because
+    assert all(s.cache_hit for name, s in redeployed.stages.items() if name != "deploy")
+    r = post(f"{served['url']}/predict", json={"inputs": served["x"][:4].tolist()})
+    assert r.status_code == 200 and r.headers["X-Model-Version"] == "2", r.text

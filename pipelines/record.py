@@ -16,6 +16,7 @@ This module knows nothing of Ray: the CLI, the report and tracking read records 
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -159,7 +160,7 @@ class StageEntry:
         Raises:
             RecordError: a key of the wrong type or a name that is not one.
         """
-        return _validated(_STAGE, data, "<stage>", "")
+        return _validated(_adapter(StageEntry), data, "<stage>", "")
 
 
 @dataclass
@@ -210,7 +211,7 @@ class RunRecord:
             ) from None
         except (RecursionError, ValueError) as e:  # nested too deep; a number too long
             raise RecordError(source, None, f"not JSON ({one_line(e, 200)})") from None
-        record = _validated(_RECORD, data, source, "")
+        record = _validated(_adapter(RunRecord), data, source, "")
         _check_names(record, source)
         return record
 
@@ -223,8 +224,11 @@ class RunRecord:
         return [name for name, entry in self.stages.items() if entry.status == status]
 
 
-_STAGE = TypeAdapter(StageEntry)
-_RECORD = TypeAdapter(RunRecord)
+@functools.cache
+def _adapter(kind: type) -> TypeAdapter:
+    """The validator of records read back, built on first use: building it takes longer than
+    the rest of this module's import, and a run that only writes its record never needs it."""
+    return TypeAdapter(kind)
 
 
 def _validated(adapter: TypeAdapter, data: Any, source: str, prefix: str) -> Any:

@@ -25,10 +25,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
-
-import pyarrow as pa
-import pyarrow.fs as pafs
+from typing import TYPE_CHECKING, Any
 
 from pipelines.guards import (
     InputError,
@@ -39,6 +36,26 @@ from pipelines.guards import (
     remember_secrets,
     storage_problem,
 )
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
+
+
+# pyarrow (most of a second to import) is needed for URI stores only: a run on local storage
+# that finds every stage cached never loads it.
+def _pafs():
+    import pyarrow.fs
+
+    return pyarrow.fs
+
+
+def _storage_errors() -> tuple[type[BaseException], ...]:
+    """What a storage call raises: an ``OSError``, or one of pyarrow's own errors. (Called in
+    ``except`` clauses, so only once something was raised.)"""
+    import pyarrow
+
+    return (pyarrow.ArrowException, OSError)
+
 
 MANIFEST = "manifest.json"
 CHUNK = 1 << 20
@@ -197,10 +214,10 @@ class Store:
             StorageError: pyarrow cannot open the URI (unknown scheme, bad options...).
         """
         if self.is_local:
-            return pafs.LocalFileSystem(), self.root
+            return _pafs().LocalFileSystem(), self.root
         try:
-            return pafs.FileSystem.from_uri(self.uri)
-        except (pa.ArrowException, OSError, ValueError) as e:
+            return _pafs().FileSystem.from_uri(self.uri)
+        except (*_storage_errors(), ValueError) as e:
             raise StorageError(self.shown_root, None, f"cannot open: {one_line(e)}") from None
 
     def check_writable(self) -> None:
@@ -225,7 +242,7 @@ class Store:
             with fs.open_output_stream(f"{base}/runs/{probe}") as f:
                 f.write(b"")
             fs.delete_file(f"{base}/runs/{probe}")
-        except (pa.ArrowException, OSError) as e:
+        except _storage_errors() as e:
             raise StorageError(self.shown_root, None, f"cannot write here: {_reason(e)}") from None
 
     def join(self, *parts: str) -> str:
@@ -318,8 +335,8 @@ class Store:
             for folder in sorted({str(PurePosixPath(rel).parent) for rel in files} | {"."}):
                 fs.create_dir(dest if folder == "." else f"{dest}/{folder}", recursive=True)
             for rel in files:
-                pafs.copy_files(str(out_dir / rel), f"{dest}/{rel}", destination_filesystem=fs)
-            pafs.copy_files(
+                _pafs().copy_files(str(out_dir / rel), f"{dest}/{rel}", destination_filesystem=fs)
+            _pafs().copy_files(
                 str(out_dir / MANIFEST), f"{dest}/{MANIFEST}", destination_filesystem=fs
             )
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -327,11 +344,12 @@ class Store:
 
     def read_manifest(self, component: str, key: str) -> dict[str, Any] | None:
         """Returns the manifest of a published artifact, or None if there is none."""
-        fs, base = self._fs()
+        rel = f"{self.artifact_rel(component, key)}/{MANIFEST}"
         try:
-            with fs.open_input_stream(
-                f"{base}/{self.artifact_rel(component, key)}/{MANIFEST}"
-            ) as f:
+            if self.is_local:
+                return json.loads(Path(self.root, rel).read_bytes())
+            fs, base = self._fs()
+            with fs.open_input_stream(f"{base}/{rel}") as f:
                 return json.loads(f.read())
         except (FileNotFoundError, OSError, json.JSONDecodeError):
             return None
@@ -380,7 +398,7 @@ class Store:
             path.parent.mkdir(parents=True, exist_ok=True)
             part = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
             try:
-                pafs.copy_files(f"{src}/{rel}", str(part), source_filesystem=fs)
+                _pafs().copy_files(f"{src}/{rel}", str(part), source_filesystem=fs)
                 os.replace(part, path)  # never a half-downloaded file under the real name
             except (FileNotFoundError, OSError):
                 part.unlink(missing_ok=True)
@@ -401,18 +419,17 @@ class Store:
 
     def discard(self, component: str, key: str) -> None:
         """Removes a (broken) published artifact so it can be produced again."""
-        fs, base = self._fs()
-        path = f"{base}/{self.artifact_rel(component, key)}"
-        if self.is_local and Path(path).exists():
-            trash = (
-                Path(self.root) / "artifacts" / ".tmp" / f"discarded-{key}-{uuid.uuid4().hex[:8]}"
-            )
-            trash.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(path, trash)  # out of the way first, atomically; then deleted
-            shutil.rmtree(trash, ignore_errors=True)
+        if self.is_local:
+            path = Path(self.root) / self.artifact_rel(component, key)
+            if path.exists():
+                trash = path.parent.parent / ".tmp" / f"discarded-{key}-{uuid.uuid4().hex[:8]}"
+                trash.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(path, trash)  # out of the way first, atomically; then deleted
+                shutil.rmtree(trash, ignore_errors=True)
             return
+        fs, base = self._fs()
         with contextlib.suppress(FileNotFoundError, OSError):
-            fs.delete_dir(path)
+            fs.delete_dir(f"{base}/{self.artifact_rel(component, key)}")
 
     # --- run records -------------------------------------------------------------------
 
@@ -454,7 +471,7 @@ class Store:
                     raise TooLarge(limit, None)
         except (FileNotFoundError, NotADirectoryError):
             return None
-        except (pa.ArrowException, OSError) as e:
+        except _storage_errors() as e:
             raise StorageError(
                 self.shown("runs", run_id, name), None, f"cannot read: {_reason(e)}"
             ) from None
@@ -469,7 +486,7 @@ class Store:
         """
         fs, base = self._fs()
         try:
-            infos = fs.get_file_info(pafs.FileSelector(f"{base}/runs", allow_not_found=True))
-        except (pa.ArrowException, OSError) as e:
+            infos = fs.get_file_info(_pafs().FileSelector(f"{base}/runs", allow_not_found=True))
+        except _storage_errors() as e:
             raise StorageError(self.shown_root, None, f"cannot list runs: {_reason(e)}") from None
-        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+        return sorted(i.base_name for i in infos if i.type == _pafs().FileType.Directory)

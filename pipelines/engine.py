@@ -14,6 +14,7 @@ driver that dies leaves a record ``raypipe resume`` can finish from.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as dt
 import fcntl
 import json
@@ -23,6 +24,7 @@ import secrets
 import time
 import traceback
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +277,7 @@ class Runner:
         #: MLflow starts with the first stage that has to run (see _ensure_tracking); the
         #: stages settled before it wait here to be logged.
         self._tracking_started = False
+        self._tracking: ThreadPoolExecutor | None = None
         self._untracked: list[tuple[str, dict[str, Any] | None]] = []
         self.digests: dict[str, str] = {}
         self.keys: dict[str, str] = {}
@@ -337,6 +340,7 @@ class Runner:
             self.record.status = Status.FAILED
             self.record.error = one_line(f"driver stopped: {type(e).__name__}: {e}")
             self.record.finished = time.time()
+            self._stop_tracking(wait=False)
             self.save(wait=True)
             raise
         finally:
@@ -352,23 +356,30 @@ class Runner:
             self._ensure_tracking()
         self._tracked(lambda t: t.finish(self.record.status))
         self.store.write_run_file(self.run_id, RUN_FILE, self.record.to_json())
-        self._write_report()
+        self._write_report()  # while the tracking thread catches up
+        if self._tracking is not None:
+            self._stop_tracking()
+            # With what tracking made of it: the parent's MLflow id, or why tracking stopped.
+            self.store.write_run_file(self.run_id, RUN_FILE, self.record.to_json())
         return self.record
 
     def _ensure_tracking(self) -> None:
-        """Opens the MLflow parent run (reopened on resume) once, and logs the stages settled
-        before it; a failure is recorded, not fatal."""
+        """Starts tracking once: opens the MLflow parent run (reopened on resume) and logs the
+        stages settled before it, on the tracking thread (see _tracked)."""
         if self._tracking_started:
             return
         self._tracking_started = True
-        self._start_tracking()
+        self._tracking = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raypipe-tracking")
+        self._tracking.submit(self._start_tracking)
         for name, manifest in self._untracked:
-            self._tracked(
-                lambda t, name=name, manifest=manifest: t.stage(
-                    name, self.record.stages[name], manifest
-                )
-            )
+            self._track_stage(name, manifest)
         self._untracked.clear()
+
+    def _stop_tracking(self, wait: bool = True) -> None:
+        """Waits for every queued tracking call (or, without ``wait``, drops those not
+        begun: the driver is stopping on an error)."""
+        if self._tracking is not None:
+            self._tracking.shutdown(wait=wait, cancel_futures=not wait)
 
     def _logs_later(self) -> bool:
         """Whether this run is logged to MLflow by a background process once it is done: no
@@ -396,6 +407,8 @@ class Runner:
         self.print(f"tracking: logged to MLflow in the background ({where})")
 
     def _start_tracking(self) -> None:
+        """Opens the MLflow parent run (on the tracking thread); a failure is recorded, not
+        fatal."""
         uri = self.tracking_uri
         if not uri:
             if self.record.tracking:
@@ -407,25 +420,23 @@ class Runner:
         from pipelines.tracking import Tracker
 
         try:
-            self.tracker = Tracker(uri, self.pipeline.name, _artifact_root(self.store))
+            tracker = Tracker(uri, self.pipeline.name, _artifact_root(self.store))
+            self.record.mlflow_run_id = tracker.start(
+                self.run_id, self.pipeline.name, self.record.overrides, self.record.mlflow_run_id
+            )
         except Exception as e:  # noqa: BLE001 - tracking is a record of the run, not the run
             self._tracking_off(f"{type(e).__name__}: {e}")
             return
-        self._tracked(
-            lambda t: setattr(
-                self.record,
-                "mlflow_run_id",
-                t.start(
-                    self.run_id,
-                    self.pipeline.name,
-                    self.record.overrides,
-                    self.record.mlflow_run_id,
-                ),
-            )
-        )
+        self.tracker = tracker
 
     def _tracked(self, call: Callable[[Any], Any]) -> None:
-        """Runs one tracking call; the first failure turns tracking off for this run."""
+        """Queues one tracking call. Calls run in order on one thread of their own, so a stage
+        that finished does not hold up the next one while MLflow records it (each call is a
+        database transaction or a request); the first failure turns tracking off."""
+        if self._tracking is not None:
+            self._tracking.submit(self._call_tracker, call)
+
+    def _call_tracker(self, call: Callable[[Any], Any]) -> None:
         if self.tracker is None:
             return
         try:
@@ -443,7 +454,8 @@ class Runner:
         if not self._tracking_started:
             self._untracked.append((name, manifest))
             return
-        self._tracked(lambda t: t.stage(name, self.record.stages[name], manifest))
+        entry = copy.deepcopy(self.record.stages[name])  # as it is now, for the other thread
+        self._tracked(lambda t: t.stage(name, entry, manifest))
 
     def _write_report(self) -> None:
         """The HTML report; a failure to draw it is shown, never fails the run."""

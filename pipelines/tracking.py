@@ -169,12 +169,12 @@ class Tracker:
             metrics += _history_metrics(artifact_dir / "history.jsonl")
         if entry.error:
             tags.append(RunTag("raypipe.error", _shown(entry.error, 5000)))
-        # log_batch takes at most 100 params, 1000 metrics and 100 tags a call.
-        for chunk in _chunks(params, 100):
-            self.client.log_batch(child, params=chunk)
-        for chunk in _chunks(metrics, 1000):
-            self.client.log_batch(child, metrics=chunk)
-        self.client.log_batch(child, tags=tags)
+        # One log_batch a chunk: at most 100 params, 1000 metrics and 100 tags a call (each
+        # call is a SQLite transaction, the most of what logging a stage costs).
+        chunks = [_chunks(params, 100), _chunks(metrics, 1000), _chunks(tags, 100)]
+        for i in range(max(len(c) for c in chunks)):
+            p, m, t = (c[i] if i < len(c) else [] for c in chunks)
+            self.client.log_batch(child, params=p, metrics=m, tags=t)
         # A cached stage's files were logged by the run that computed them (tag
         # raypipe.artifact points at them): copying them again on every rerun is waste.
         if artifact_dir is not None and artifact_dir.is_dir() and not entry.cache_hit:

@@ -21,7 +21,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -188,7 +188,11 @@ class RunRecord:
 
     def to_json(self) -> str:
         # Stages stay in the pipeline's order (a dependency order), which the report shows.
-        return json.dumps(asdict(self), default=str)
+        # Shallow views, not asdict's deep copy: a record is saved on every change of state,
+        # and what it holds is plain JSON already.
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["stages"] = {name: vars(entry) for name, entry in self.stages.items()}
+        return json.dumps(data, default=str)
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str = RUN_FILE) -> RunRecord:

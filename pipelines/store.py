@@ -17,6 +17,7 @@ sha256 against the manifest, so a deleted or tampered file is never used.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -193,7 +194,7 @@ class Store:
     def is_local(self) -> bool:
         return "://" not in self.uri
 
-    @property
+    @functools.cached_property  # asked for on every path; resolving it walks the disk
     def root(self) -> str:
         """The storage root: an absolute local path, or the URI as given."""
         return str(Path(self.uri).expanduser().resolve()) if self.is_local else self.uri.rstrip("/")

@@ -178,11 +178,17 @@ class Tracker:
         # A cached stage's files were logged by the run that computed them (tag
         # raypipe.artifact points at them): copying them again on every rerun is waste.
         if artifact_dir is not None and artifact_dir.is_dir() and not entry.cache_hit:
+            from mlflow.store.artifact.artifact_repository_registry import (
+                get_artifact_repository,
+            )
+
+            # Opened from the run just made: the client would ask the database for the run.
+            repo = get_artifact_repository(run.info.artifact_uri, self.client.tracking_uri)
             for path in sorted(artifact_dir.rglob("*")):
                 small = path.is_file() and path.stat().st_size <= ARTIFACT_MAX_BYTES
                 if small and path.suffix in ARTIFACT_SUFFIXES:
                     rel = path.parent.relative_to(artifact_dir).as_posix()
-                    self.client.log_artifact(child, str(path), None if rel == "." else rel)
+                    repo.log_artifact(str(path), None if rel == "." else rel)
         status = {Status.SUCCEEDED: "FINISHED", Status.FAILED: "FAILED"}.get(entry.status, "KILLED")
         self.client.set_terminated(child, status=status)
         return child

@@ -231,7 +231,9 @@ def run(
     from pipelines import engine
 
     output, context = _console(pipeline.order, quiet, verbose)
-    runner = engine.Runner(pipeline, force=force or [], address=ray_address, **output)
+    runner = engine.Runner(
+        pipeline, force=force or [], address=ray_address, track_later=True, **output
+    )
     with context:
         record = runner.run()
     _finish(record)

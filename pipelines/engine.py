@@ -14,6 +14,7 @@ driver that dies leaves a record ``raypipe resume`` can finish from.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as dt
 import fcntl
 import json
@@ -23,6 +24,7 @@ import secrets
 import time
 import traceback
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,12 @@ def _entry(stage: Stage) -> StageEntry:
 def default_tracking_uri(store: Store) -> str | None:
     """MLflow on SQLite under the storage root (only for local storage)."""
     return f"sqlite:///{store.root}/mlflow.db" if store.is_local else None
+
+
+def _artifact_root(store: Store) -> str | None:
+    """Where a new MLflow experiment keeps its files: beside the runs on local storage, else
+    the tracking server's default."""
+    return f"{store.root}/mlflow-artifacts" if store.is_local else None
 
 
 def cache_key(
@@ -216,6 +224,10 @@ class Runner:
         display: called with (stage, its record entry, message) on every stage event, in
             place of a printed line (a live table in a terminal).
         ray_logs: forward Ray workers' output to this process.
+        track_later: when no stage has to run (every one cached or kept), log the run to
+            MLflow from a background process once this one is done, instead of starting
+            MLflow here (seconds of imports, for a run that took a fraction of one): the
+            CLI's choice. Otherwise such a run is logged at its end, in this process.
     """
 
     def __init__(
@@ -228,8 +240,10 @@ class Runner:
         printer: Printer = _default_printer,
         display: Callable[[str, dict[str, Any], str], None] | None = None,
         ray_logs: bool = True,
+        track_later: bool = False,
     ):
         self.pipeline = pipeline
+        self.track_later = track_later
         self.display = display
         self.ray_logs = ray_logs
         self.store = Store(pipeline.storage)
@@ -266,6 +280,11 @@ class Runner:
             self.forced = pipeline.descendants(set(record.force)) - done
         self.record = record
         self.tracker = None
+        #: MLflow starts with the first stage that has to run (see _ensure_tracking); the
+        #: stages settled before it wait here to be logged.
+        self._tracking_started = False
+        self._tracking: ThreadPoolExecutor | None = None
+        self._untracked: list[tuple[str, dict[str, Any] | None]] = []
         self.digests: dict[str, str] = {}
         self.keys: dict[str, str] = {}
         self._started_ray = False
@@ -302,7 +321,10 @@ class Runner:
         """
         self.store.check_writable()
         with driver_lock(self.store, self.run_id):
-            return self._run_locked()
+            record = self._run_locked()
+        if self._logs_later():  # after the lock: the logger takes it in its turn
+            self._log_later()
+        return record
 
     def _run_locked(self) -> RunRecord:
         saved = self.pipeline.to_dict()
@@ -317,7 +339,6 @@ class Runner:
         self.print(
             f"run {self.run_id} of pipeline {self.pipeline.name} (storage {self.store.shown_root})"
         )
-        self._start_tracking()
         self.save()
         try:
             self._loop()
@@ -325,6 +346,7 @@ class Runner:
             self.record.status = Status.FAILED
             self.record.error = one_line(f"driver stopped: {type(e).__name__}: {e}")
             self.record.finished = time.time()
+            self._stop_tracking(wait=False)
             self.save(wait=True)
             raise
         finally:
@@ -336,13 +358,63 @@ class Runner:
             first = self.record.stages[failed[0]]
             self.record.error = f"stage {failed[0]!r} failed: {first.error}"
         self.record.finished = time.time()
+        if not self._logs_later():
+            self._ensure_tracking()
         self._tracked(lambda t: t.finish(self.record.status))
         self.store.write_run_file(self.run_id, RUN_FILE, self.record.to_json())
-        self._write_report()
+        self._write_report()  # while the tracking thread catches up
+        if self._tracking is not None:
+            self._stop_tracking()
+            # With what tracking made of it: the parent's MLflow id, or why tracking stopped.
+            self.store.write_run_file(self.run_id, RUN_FILE, self.record.to_json())
         return self.record
 
+    def _ensure_tracking(self) -> None:
+        """Starts tracking once: opens the MLflow parent run (reopened on resume) and logs the
+        stages settled before it, on the tracking thread (see _tracked)."""
+        if self._tracking_started:
+            return
+        self._tracking_started = True
+        self._tracking = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raypipe-tracking")
+        self._tracking.submit(self._start_tracking)
+        for name, manifest in self._untracked:
+            self._track_stage(name, manifest)
+        self._untracked.clear()
+
+    def _stop_tracking(self, wait: bool = True) -> None:
+        """Waits for every queued tracking call (or, without ``wait``, drops those not
+        begun: the driver is stopping on an error)."""
+        if self._tracking is not None:
+            self._tracking.shutdown(wait=wait, cancel_futures=not wait)
+
+    def _logs_later(self) -> bool:
+        """Whether this run is logged to MLflow by a background process once it is done: no
+        stage ran, and it is a new run (a resumed one reopens its MLflow run here)."""
+        return (
+            self.track_later
+            and not self._tracking_started
+            and self.tracking_uri is not None
+            and self.record.resumed == 0
+        )
+
+    def _log_later(self) -> None:
+        """Hands a run in which no stage ran to a background process that logs it to MLflow
+        (``pipelines.tracking.log_later``); says where its log is."""
+        from pipelines.tracking import log_later
+
+        try:
+            where = log_later(
+                self.store, self.run_id, self.tracking_uri, _artifact_root(self.store)
+            )
+        except OSError as e:
+            self._tracking_off(f"the background logger did not start: {e}")
+            self.store.write_run_file(self.run_id, RUN_FILE, self.record.to_json())
+            return
+        self.print(f"tracking: logged to MLflow in the background ({where})")
+
     def _start_tracking(self) -> None:
-        """Opens the MLflow parent run (reopened on resume); a failure is recorded, not fatal."""
+        """Opens the MLflow parent run (on the tracking thread); a failure is recorded, not
+        fatal."""
         uri = self.tracking_uri
         if not uri:
             if self.record.tracking:
@@ -353,27 +425,24 @@ class Runner:
             return
         from pipelines.tracking import Tracker
 
-        root = f"{self.store.root}/mlflow-artifacts" if self.store.is_local else None
         try:
-            self.tracker = Tracker(uri, self.pipeline.name, root)
+            tracker = Tracker(uri, self.pipeline.name, _artifact_root(self.store))
+            self.record.mlflow_run_id = tracker.start(
+                self.run_id, self.pipeline.name, self.record.overrides, self.record.mlflow_run_id
+            )
         except Exception as e:  # noqa: BLE001 - tracking is a record of the run, not the run
             self._tracking_off(f"{type(e).__name__}: {e}")
             return
-        self._tracked(
-            lambda t: setattr(
-                self.record,
-                "mlflow_run_id",
-                t.start(
-                    self.run_id,
-                    self.pipeline.name,
-                    self.record.overrides,
-                    self.record.mlflow_run_id,
-                ),
-            )
-        )
+        self.tracker = tracker
 
     def _tracked(self, call: Callable[[Any], Any]) -> None:
-        """Runs one tracking call; the first failure turns tracking off for this run."""
+        """Queues one tracking call. Calls run in order on one thread of their own, so a stage
+        that finished does not hold up the next one while MLflow records it (each call is a
+        database transaction or a request); the first failure turns tracking off."""
+        if self._tracking is not None:
+            self._tracking.submit(self._call_tracker, call)
+
+    def _call_tracker(self, call: Callable[[Any], Any]) -> None:
         if self.tracker is None:
             return
         try:
@@ -388,7 +457,11 @@ class Runner:
         self.tracker = None
 
     def _track_stage(self, name: str, manifest: dict[str, Any] | None) -> None:
-        self._tracked(lambda t: t.stage(name, self.record.stages[name], manifest))
+        if not self._tracking_started:
+            self._untracked.append((name, manifest))
+            return
+        entry = copy.deepcopy(self.record.stages[name])  # as it is now, for the other thread
+        self._tracked(lambda t: t.stage(name, entry, manifest))
 
     def _write_report(self) -> None:
         """The HTML report; a failure to draw it is shown, never fails the run."""
@@ -515,6 +588,7 @@ class Runner:
                 self._say(name, "cached")
                 self._track_stage(name, manifest)
                 return
+        self._ensure_tracking()
         unplaceable = self._unplaceable(name)
         if unplaceable:
             st.mark_failed(unplaceable, None)

@@ -16,11 +16,12 @@ This module knows nothing of Ray: the CLI, the report and tracking read records 
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -159,7 +160,7 @@ class StageEntry:
         Raises:
             RecordError: a key of the wrong type or a name that is not one.
         """
-        return _validated(_STAGE, data, "<stage>", "")
+        return _validated(_adapter(StageEntry), data, "<stage>", "")
 
 
 @dataclass
@@ -187,7 +188,11 @@ class RunRecord:
 
     def to_json(self) -> str:
         # Stages stay in the pipeline's order (a dependency order), which the report shows.
-        return json.dumps(asdict(self), default=str)
+        # Shallow views, not asdict's deep copy: a record is saved on every change of state,
+        # and what it holds is plain JSON already.
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["stages"] = {name: vars(entry) for name, entry in self.stages.items()}
+        return json.dumps(data, default=str)
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str = RUN_FILE) -> RunRecord:
@@ -210,7 +215,7 @@ class RunRecord:
             ) from None
         except (RecursionError, ValueError) as e:  # nested too deep; a number too long
             raise RecordError(source, None, f"not JSON ({one_line(e, 200)})") from None
-        record = _validated(_RECORD, data, source, "")
+        record = _validated(_adapter(RunRecord), data, source, "")
         _check_names(record, source)
         return record
 
@@ -223,8 +228,11 @@ class RunRecord:
         return [name for name, entry in self.stages.items() if entry.status == status]
 
 
-_STAGE = TypeAdapter(StageEntry)
-_RECORD = TypeAdapter(RunRecord)
+@functools.cache
+def _adapter(kind: type) -> TypeAdapter:
+    """The validator of records read back, built on first use: building it takes longer than
+    the rest of this module's import, and a run that only writes its record never needs it."""
+    return TypeAdapter(kind)
 
 
 def _validated(adapter: TypeAdapter, data: Any, source: str, prefix: str) -> Any:

@@ -17,6 +17,7 @@ sha256 against the manifest, so a deleted or tampered file is never used.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -25,10 +26,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
-
-import pyarrow as pa
-import pyarrow.fs as pafs
+from typing import TYPE_CHECKING, Any
 
 from pipelines.guards import (
     InputError,
@@ -39,6 +37,26 @@ from pipelines.guards import (
     remember_secrets,
     storage_problem,
 )
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
+
+
+# pyarrow (most of a second to import) is needed for URI stores only: a run on local storage
+# that finds every stage cached never loads it.
+def _pafs():
+    import pyarrow.fs
+
+    return pyarrow.fs
+
+
+def _storage_errors() -> tuple[type[BaseException], ...]:
+    """What a storage call raises: an ``OSError``, or one of pyarrow's own errors. (Called in
+    ``except`` clauses, so only once something was raised.)"""
+    import pyarrow
+
+    return (pyarrow.ArrowException, OSError)
+
 
 MANIFEST = "manifest.json"
 CHUNK = 1 << 20
@@ -180,7 +198,7 @@ class Store:
     def is_local(self) -> bool:
         return "://" not in self.uri
 
-    @property
+    @functools.cached_property  # asked for on every path; resolving it walks the disk
     def root(self) -> str:
         """The storage root: an absolute local path, or the URI as given."""
         return str(Path(self.uri).expanduser().resolve()) if self.is_local else self.uri.rstrip("/")
@@ -201,10 +219,10 @@ class Store:
             StorageError: pyarrow cannot open the URI (unknown scheme, bad options...).
         """
         if self.is_local:
-            return pafs.LocalFileSystem(), self.root
+            return _pafs().LocalFileSystem(), self.root
         try:
-            return pafs.FileSystem.from_uri(self.uri)
-        except (pa.ArrowException, OSError, ValueError) as e:
+            return _pafs().FileSystem.from_uri(self.uri)
+        except (*_storage_errors(), ValueError) as e:
             raise StorageError(self.shown_root, None, f"cannot open: {one_line(e)}") from None
 
     def check_writable(self) -> None:
@@ -229,7 +247,7 @@ class Store:
             with fs.open_output_stream(f"{base}/runs/{probe}") as f:
                 f.write(b"")
             fs.delete_file(f"{base}/runs/{probe}")
-        except (pa.ArrowException, OSError) as e:
+        except _storage_errors() as e:
             raise StorageError(self.shown_root, None, f"cannot write here: {_reason(e)}") from None
 
     def join(self, *parts: str) -> str:
@@ -322,8 +340,8 @@ class Store:
             for folder in sorted({str(PurePosixPath(rel).parent) for rel in files} | {"."}):
                 fs.create_dir(dest if folder == "." else f"{dest}/{folder}", recursive=True)
             for rel in files:
-                pafs.copy_files(str(out_dir / rel), f"{dest}/{rel}", destination_filesystem=fs)
-            pafs.copy_files(
+                _pafs().copy_files(str(out_dir / rel), f"{dest}/{rel}", destination_filesystem=fs)
+            _pafs().copy_files(
                 str(out_dir / MANIFEST), f"{dest}/{MANIFEST}", destination_filesystem=fs
             )
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -331,11 +349,12 @@ class Store:
 
     def read_manifest(self, component: str, key: str) -> dict[str, Any] | None:
         """Returns the manifest of a published artifact, or None if there is none."""
-        fs, base = self._fs()
+        rel = f"{self.artifact_rel(component, key)}/{MANIFEST}"
         try:
-            with fs.open_input_stream(
-                f"{base}/{self.artifact_rel(component, key)}/{MANIFEST}"
-            ) as f:
+            if self.is_local:
+                return json.loads(Path(self.root, rel).read_bytes())
+            fs, base = self._fs()
+            with fs.open_input_stream(f"{base}/{rel}") as f:
                 return json.loads(f.read())
         except (FileNotFoundError, OSError, json.JSONDecodeError):
             return None
@@ -384,7 +403,7 @@ class Store:
             path.parent.mkdir(parents=True, exist_ok=True)
             part = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
             try:
-                pafs.copy_files(f"{src}/{rel}", str(part), source_filesystem=fs)
+                _pafs().copy_files(f"{src}/{rel}", str(part), source_filesystem=fs)
                 os.replace(part, path)  # never a half-downloaded file under the real name
             except (FileNotFoundError, OSError):
                 part.unlink(missing_ok=True)
@@ -405,18 +424,17 @@ class Store:
 
     def discard(self, component: str, key: str) -> None:
         """Removes a (broken) published artifact so it can be produced again."""
-        fs, base = self._fs()
-        path = f"{base}/{self.artifact_rel(component, key)}"
-        if self.is_local and Path(path).exists():
-            trash = (
-                Path(self.root) / "artifacts" / ".tmp" / f"discarded-{key}-{uuid.uuid4().hex[:8]}"
-            )
-            trash.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(path, trash)  # out of the way first, atomically; then deleted
-            shutil.rmtree(trash, ignore_errors=True)
+        if self.is_local:
+            path = Path(self.root) / self.artifact_rel(component, key)
+            if path.exists():
+                trash = path.parent.parent / ".tmp" / f"discarded-{key}-{uuid.uuid4().hex[:8]}"
+                trash.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(path, trash)  # out of the way first, atomically; then deleted
+                shutil.rmtree(trash, ignore_errors=True)
             return
+        fs, base = self._fs()
         with contextlib.suppress(FileNotFoundError, OSError):
-            fs.delete_dir(path)
+            fs.delete_dir(f"{base}/{self.artifact_rel(component, key)}")
 
     # --- run records -------------------------------------------------------------------
 
@@ -458,7 +476,7 @@ class Store:
                     raise TooLarge(limit, None)
         except (FileNotFoundError, NotADirectoryError):
             return None
-        except (pa.ArrowException, OSError) as e:
+        except _storage_errors() as e:
             raise StorageError(
                 self.shown("runs", run_id, name), None, f"cannot read: {_reason(e)}"
             ) from None
@@ -473,7 +491,7 @@ class Store:
         """
         fs, base = self._fs()
         try:
-            infos = fs.get_file_info(pafs.FileSelector(f"{base}/runs", allow_not_found=True))
-        except (pa.ArrowException, OSError) as e:
+            infos = fs.get_file_info(_pafs().FileSelector(f"{base}/runs", allow_not_found=True))
+        except _storage_errors() as e:
             raise StorageError(self.shown_root, None, f"cannot list runs: {_reason(e)}") from None
-        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+        return sorted(i.base_name for i in infos if i.type == _pafs().FileType.Directory)

@@ -8,6 +8,11 @@ is kept in the run record. A tracking server is asked once, with a short timeout
 uses it, and MLflow's own requests are bounded (timeout and retries), so a server that does not
 answer costs seconds, not the minutes of MLflow's defaults. What is logged (params, tags) is
 redacted: a URI in a config never shows its credentials in MLflow.
+
+A run in which no stage ran (every one cached) does not wait for MLflow, whose imports alone
+take seconds: the CLI hands it to ``python -m pipelines.tracking`` (:func:`log_later`), a
+detached process that logs it from its saved record a few seconds later and writes its MLflow
+id into ``run.json``.
 """
 
 from __future__ import annotations
@@ -15,15 +20,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pipelines.guards import one_line, redact, redact_uri
-from pipelines.record import StageEntry, Status
+from pipelines.record import RUN_FILE, StageEntry, Status, load_record
+
+if TYPE_CHECKING:
+    from pipelines.store import Store
 
 MAX_PARAM_CHARS = 6000
 MAX_STEP_METRICS = 20_000
@@ -31,6 +41,9 @@ ARTIFACT_SUFFIXES = (".png", ".json")
 ARTIFACT_MAX_BYTES = 5 << 20
 #: Seconds a tracking server has to answer the first request before tracking is turned off.
 CONNECT_TIMEOUT_S = 5.0
+#: The environment variable that hands :func:`log_later`'s process its job (JSON: the storage
+#: and the tracking URI may hold credentials, which a command line would show to every user).
+LATER_JOB = "RAYPIPE_TRACK_LATER"
 #: MLflow's HTTP requests in this process (unless set in the environment): seconds per
 #: request and retries, instead of 120 s and 7 retries with backoff (minutes per call).
 MLFLOW_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "15", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
@@ -156,20 +169,26 @@ class Tracker:
             metrics += _history_metrics(artifact_dir / "history.jsonl")
         if entry.error:
             tags.append(RunTag("raypipe.error", _shown(entry.error, 5000)))
-        # log_batch takes at most 100 params, 1000 metrics and 100 tags a call.
-        for chunk in _chunks(params, 100):
-            self.client.log_batch(child, params=chunk)
-        for chunk in _chunks(metrics, 1000):
-            self.client.log_batch(child, metrics=chunk)
-        self.client.log_batch(child, tags=tags)
+        # One log_batch a chunk: at most 100 params, 1000 metrics and 100 tags a call (each
+        # call is a SQLite transaction, the most of what logging a stage costs).
+        chunks = [_chunks(params, 100), _chunks(metrics, 1000), _chunks(tags, 100)]
+        for i in range(max(len(c) for c in chunks)):
+            p, m, t = (c[i] if i < len(c) else [] for c in chunks)
+            self.client.log_batch(child, params=p, metrics=m, tags=t)
         # A cached stage's files were logged by the run that computed them (tag
         # raypipe.artifact points at them): copying them again on every rerun is waste.
         if artifact_dir is not None and artifact_dir.is_dir() and not entry.cache_hit:
+            from mlflow.store.artifact.artifact_repository_registry import (
+                get_artifact_repository,
+            )
+
+            # Opened from the run just made: the client would ask the database for the run.
+            repo = get_artifact_repository(run.info.artifact_uri, self.client.tracking_uri)
             for path in sorted(artifact_dir.rglob("*")):
                 small = path.is_file() and path.stat().st_size <= ARTIFACT_MAX_BYTES
                 if small and path.suffix in ARTIFACT_SUFFIXES:
                     rel = path.parent.relative_to(artifact_dir).as_posix()
-                    self.client.log_artifact(child, str(path), None if rel == "." else rel)
+                    repo.log_artifact(str(path), None if rel == "." else rel)
         status = {Status.SUCCEEDED: "FINISHED", Status.FAILED: "FAILED"}.get(entry.status, "KILLED")
         self.client.set_terminated(child, status=status)
         return child
@@ -219,3 +238,77 @@ def _history_metrics(path: Path) -> list:
         if len(metrics) >= MAX_STEP_METRICS:
             break
     return metrics
+
+
+def log_later(store: Store, run_id: str, uri: str, artifact_root: str | None) -> str:
+    """Starts a detached process that logs a finished run to MLflow (:func:`log_saved_run`),
+    so the command that ran it returns without waiting for MLflow.
+
+    Returns:
+        Where the process writes its output, in words.
+
+    Raises:
+        OSError: the process could not be started.
+    """
+    job = {"storage": store.root, "run_id": run_id, "uri": uri, "artifact_root": artifact_root}
+    # The process imports this package as this one did (a checkout run with `python -m`).
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, LATER_JOB: json.dumps(job), "PYTHONPATH": path}
+    log = Path(store.run_dir(run_id)) / "tracking.log" if store.is_local else None
+    with open(log or os.devnull, "ab") as out:
+        subprocess.Popen(  # noqa: S603 - this interpreter, this module
+            [sys.executable, "-m", "pipelines.tracking"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,  # outlives the command, and a Ctrl-C in its terminal
+            close_fds=True,
+        )
+    return f"its log: {store.shown('runs', run_id, 'tracking.log')}" if log else "no log kept"
+
+
+def log_saved_run(store: Store, run_id: str, uri: str, artifact_root: str | None) -> None:
+    """Logs a finished run, read back from its record, as a parent MLflow run with one nested
+    run per stage (as the driver would have), then saves its MLflow id (or why tracking
+    failed) in the record. It holds the run's driver lock meanwhile; a run that is driven again
+    (resumed) by then is left to that driver, which tracks it itself."""
+    from pipelines.engine import RunLocked, driver_lock
+
+    try:
+        with driver_lock(store, run_id):
+            record = load_record(store, run_id)
+            if record.mlflow_run_id is not None:
+                return  # logged already (handed over twice, or resumed and tracked since)
+            try:
+                tracker = Tracker(uri, record.pipeline, artifact_root)
+                record.mlflow_run_id = tracker.start(
+                    run_id, record.pipeline, record.overrides, None
+                )
+                for name, entry in record.stages.items():
+                    manifest = (
+                        store.read_manifest(entry.uses, entry.cache_key)
+                        if entry.status == Status.SUCCEEDED and entry.cache_key
+                        else None
+                    )
+                    tracker.stage(name, entry, manifest)
+                tracker.finish(record.status)
+            except Exception as e:  # noqa: BLE001 - kept in the record, as a driver would
+                record.tracking_error = one_line(f"{type(e).__name__}: {e}")
+            store.write_run_file(run_id, RUN_FILE, record.to_json())
+    except RunLocked:
+        return
+
+
+def main() -> None:
+    """``python -m pipelines.tracking``: the process :func:`log_later` starts."""
+    from pipelines.store import Store
+
+    job = json.loads(os.environ.pop(LATER_JOB))
+    store = Store(job["storage"])
+    log_saved_run(store, job["run_id"], job["uri"], job["artifact_root"])
+
+
+if __name__ == "__main__":
+    main()

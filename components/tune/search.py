@@ -88,8 +88,11 @@ class SearchConfig(StrictModel):
         trainable = _hooks_or_none(data.get("trainable", "vision.train"))
         if "metric" not in data and trainable is not None:
             data["metric"] = next(iter(trainable.epoch_metrics))
-        if "mode" not in data and isinstance(data.get("metric"), str):
-            data["mode"] = registry.metric_modes().get(data["metric"], "max")
+        metric = data.get("metric")
+        if "mode" not in data and isinstance(metric, str):
+            # The trainable's own families first: asking every family imports every component.
+            own = trainable.metric_modes if trainable is not None else {}
+            data["mode"] = own.get(metric) or registry.metric_modes().get(metric, "max")
         return data
 
     @field_validator("trainable")

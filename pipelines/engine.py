@@ -13,10 +13,8 @@ driver that dies leaves a record ``raypipe resume`` can finish from.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime as dt
-import fcntl
 import json
 import logging
 import os
@@ -55,8 +53,7 @@ from pipelines.record import (
 )
 from pipelines.spec import Pipeline, Stage
 from pipelines.stage_task import StageJob, remote_stage_task
-from pipelines.store import ArtifactInvalid, Store, digest_of
-
+from pipelines.store import ArtifactInvalid, RunLocked, Store, digest_of, driver_lock
 
 __all__ = ["PIPELINE_FILE", "RUN_FILE", "RunLocked", "RunRecord", "Runner", "load_record"]
 
@@ -125,40 +122,6 @@ def source_fingerprint(paths: list[str]) -> list[Any]:
             stat = path.stat()
             found.append([str(path), stat.st_size, stat.st_mtime_ns])
     return found
-
-
-class RunLocked(RuntimeError):
-    """A run is being driven by another live process."""
-
-
-@contextlib.contextmanager
-def driver_lock(store: Store, run_id: str):
-    """Holds ``runs/<run_id>/driver.lock`` while a driver runs, so ``resume`` cannot start a
-    second driver of a live run. It is an ``flock``: the kernel drops it when the process
-    dies, even by SIGKILL, so a dead driver never leaves a stale lock. (Local storage only:
-    object stores have no such lock.)"""
-    if not store.is_local:
-        yield
-        return
-    path = Path(store.run_dir(run_id)) / "driver.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise RunLocked(
-                f"run {run_id} is still running ({holder}); not starting a second driver"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {os.uname().nodename}")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # --- the driver ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ sha256 against the manifest, so a deleted or tampered file is never used.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -495,3 +496,40 @@ class Store:
         except _storage_errors() as e:
             raise StorageError(self.shown_root, None, f"cannot list runs: {_reason(e)}") from None
         return sorted(i.base_name for i in infos if i.type == _pafs().FileType.Directory)
+
+
+# --- the driver lock of a run ----------------------------------------------------------------
+
+
+class RunLocked(RuntimeError):
+    """A run is being driven by another live process."""
+
+
+@contextlib.contextmanager
+def driver_lock(store: Store, run_id: str):
+    """Holds ``runs/<run_id>/driver.lock`` while a driver runs, so ``resume`` cannot start a
+    second driver of a live run. It is an ``flock``: the kernel drops it when the process
+    dies, even by SIGKILL, so a dead driver never leaves a stale lock. (Local storage only:
+    object stores have no such lock.)"""
+    if not store.is_local:
+        yield
+        return
+    path = Path(store.run_dir(run_id)) / "driver.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise RunLocked(
+                f"run {run_id} is still running ({holder}); not starting a second driver"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

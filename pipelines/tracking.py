@@ -274,7 +274,7 @@ def log_saved_run(store: Store, run_id: str, uri: str, artifact_root: str | None
     run per stage (as the driver would have), then saves its MLflow id (or why tracking
     failed) in the record. It holds the run's driver lock meanwhile; a run that is driven again
     (resumed) by then is left to that driver, which tracks it itself."""
-    from pipelines.engine import RunLocked, driver_lock
+    from pipelines.store import RunLocked, driver_lock
 
     try:
         with driver_lock(store, run_id):

@@ -108,9 +108,8 @@ def test_artifacts_hold_grids_per_epoch_and_sample_grid_works(trained, tmp_path)
         assert (art / "samples.png").read_bytes()[:4] == b"\x89PNG"
         model = load_model(art)
         bundle = model.bundle
-        assert (
-            bundle.kind == f"model/{family}" and bundle.meta["normalization"]["method"] == "standard"
-        )
+        assert bundle.kind == f"model/{family}"
+        assert bundle.meta["normalization"]["method"] == "standard"
         png = model.sample_grid(64, None, tmp_path / f"{stage}.png")
         assert Image.open(png).size == (4 * (8 * 9 + 1),) * 2
         if stage == "vae":

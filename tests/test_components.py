@@ -24,6 +24,7 @@ from pipelines import engine, spec
 REQUIRED = {
     "tune.search": {"space": {"lr": {"choice": [1.0e-3]}}},
     "text.prepare": {"source": {"kind": "csv", "paths": ["reviews.csv"]}},
+    "model.compress": {"quantize": "dynamic"},  # it refuses a config with nothing to do
 }
 #: A small stage of each kind of data a family may need.
 DATA = {

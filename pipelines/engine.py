@@ -491,7 +491,10 @@ class Runner:
         if cls.stale_because is not Component.stale_because:
             self._ensure_ray()
             local = self.store.local_artifact_dir(component, key, manifest)
-            reason = cls().stale_because(local)
+            try:
+                reason = cls().stale_because(local)
+            except Exception as e:  # noqa: BLE001 - a check that cannot say: run the stage again
+                reason = f"its check failed: {type(e).__name__}: {one_line(e)}"
             if reason:
                 raise StaleArtifact(reason)
         return manifest

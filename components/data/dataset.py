@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,18 +75,30 @@ class ImageSpec:
         num_classes: labels are ints in ``[0, num_classes)``.
         class_names: a name per label.
         normalization: as in :class:`DatasetInfo` (``shift``/``divisor`` per channel...).
+        rows: rows per split (a trainer sizes what it holds in memory by them).
     """
 
     image_shape: tuple[int, int, int]
     num_classes: int
     class_names: list[str]
     normalization: dict[str, Any]
+    rows: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, info: DatasetInfo) -> ImageSpec:
+        rows = {split: int(entry["rows"]) for split, entry in info.splits.items()}
         return cls(
-            tuple(info.image_shape), info.num_classes, list(info.class_names), info.normalization
+            tuple(info.image_shape),
+            info.num_classes,
+            list(info.class_names),
+            info.normalization,
+            rows,
         )
+
+    def bytes_per_row(self) -> int:
+        """Bytes of one float32 image and its label in memory."""
+        c, h, w = self.image_shape
+        return 4 * c * h * w + 8
 
     def input_spec(self) -> dict[str, Any]:
         """The bundle input spec of a model taking these images (``components/bundle.py``)."""

@@ -23,10 +23,7 @@ from pydantic import Field
 
 from components.api import Component, StageContext, StrictModel
 from components.contract import TrialData
-from components.training import TrainSettings
-
-#: Bytes of one worker's share of the train split above which ``train_data: auto`` streams.
-MEMORY_LIMIT_BYTES = 1 << 30
+from components.training import MEMORY_LIMIT_BYTES, TrainSettings
 
 
 class EarlyStopping(StrictModel):

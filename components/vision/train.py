@@ -46,7 +46,11 @@ class VisionTrainConfig(TrainSettings):
         dropout: dropout before the classifier head.
         batch_norm: batch norm after each convolution.
         early_stopping: stop when a validation metric stalls (off when null).
-        shuffle_buffer: rows in the local shuffle buffer of each worker.
+        train_data: ``memory``: each worker reads its share of the train split (and the val
+            and test splits) once into tensors and shuffles it whole every epoch; ``stream``:
+            reads them from the shards every epoch (data larger than memory); ``auto``:
+            memory when that takes under 1 GiB per worker.
+        shuffle_buffer: rows in the local shuffle buffer of each worker (``stream`` only).
     """
 
     epochs: int = Field(15, ge=1)
@@ -63,6 +67,7 @@ class VisionTrainConfig(TrainSettings):
     dropout: float = Field(0.2, ge=0, lt=1)
     batch_norm: bool = True
     early_stopping: EarlyStopping | None = None
+    train_data: Literal["auto", "memory", "stream"] = "auto"
     shuffle_buffer: int = Field(2048, ge=0)
 
 
@@ -133,8 +138,8 @@ def train_func(config: dict[str, Any]) -> None:
             "config": loop.config,
         }
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    held = keeps_in_memory(spec, cfg, training.world()[1])
+    train_split, val_split = (Split(name, dev, held, cfg) for name in ("train", "val"))
     stop = cfg.early_stopping
     watched = stop.metric if stop else "val/accuracy"
     epoch = start_epoch - 1
@@ -142,13 +147,7 @@ def train_func(config: dict[str, Any]) -> None:
         started = time.time()
         model.train()
         loss_sum, seen = 0.0, 0
-        for batch in train_shard.iter_torch_batches(
-            batch_size=cfg.batch_size,
-            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-            local_shuffle_seed=cfg.seed + epoch if cfg.shuffle_buffer else None,
-            device=dev,
-        ):
-            x, y = batch["image"], batch["label"]
+        for x, y in train_split.batches(cfg.batch_size, shuffle_seed=cfg.seed + epoch):
             with training.autocast(dev, cfg.precision):
                 loss = criterion(model(x), y)
             optimizer.zero_grad(set_to_none=True)
@@ -159,7 +158,7 @@ def train_func(config: dict[str, Any]) -> None:
         scheduler.step()
         training.sync_buffers(model)
         loss_sum, seen = training.all_reduce_sum([loss_sum, seen], dev)
-        val = evaluate(model, val_shard, criterion, num_classes, dev, cfg)
+        val = evaluate(model, val_split, criterion, num_classes, dev, cfg)
         metrics = {
             "epoch": epoch,
             "train/loss": loss_sum / max(seen, 1),
@@ -184,13 +183,65 @@ def train_func(config: dict[str, Any]) -> None:
     final = training.final_state(snapshot(max(epoch, start_epoch - 1)), model)
     # The final test evaluation uses the best model, as the artifact will.
     training.unwrap(model).load_state_dict(best["model"])
-    test = evaluate(model, ray.train.get_dataset_shard("test"), criterion, num_classes, dev, cfg)
+    test = evaluate(model, Split("test", dev, held, cfg), criterion, num_classes, dev, cfg)
     # stopped: a restart after this point only repeats the test evaluation.
     final.update(stopped=True, test=test, hparams=training.unwrap(model).hparams)
     training.report({"epoch": epoch, "test/accuracy": test["accuracy"]}, final)
 
 
-def evaluate(model, shard, criterion, num_classes: int, dev, cfg: VisionTrainConfig) -> dict:
+def keeps_in_memory(spec, cfg: VisionTrainConfig, workers: int) -> bool:
+    """Whether each worker holds its data in memory (``train_data``): its share of the train
+    split and the whole val and test splits (every rank evaluates every row)."""
+    from components import training
+
+    if cfg.train_data != "auto":
+        return cfg.train_data == "memory"
+    rows = spec.rows.get("train", 0) / max(workers, 1) + spec.rows.get("val", 0)
+    rows = max(rows, spec.rows.get("test", 0))  # test is read after val is let go
+    return rows * spec.bytes_per_row() < training.MEMORY_LIMIT_BYTES
+
+
+class Split:
+    """One split as a worker reads it, in (images, labels) batches on ``dev``: held in memory
+    (read once, shuffled whole by a seed each epoch) or streamed from its Ray Train shard every
+    pass (shuffled in a local buffer of ``shuffle_buffer`` rows)."""
+
+    def __init__(self, name: str, dev, held: bool, cfg: VisionTrainConfig):
+        import ray.train
+
+        self.dev, self.buffer = dev, cfg.shuffle_buffer
+        self.shard = ray.train.get_dataset_shard(name)
+        self.tensors = self._read() if held else None
+
+    def _read(self):
+        import torch
+
+        from components import training
+
+        rows = training.read_shard_of(self.shard)
+        if "image" not in rows:  # an empty shard: no batches
+            return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+        images = torch.as_tensor(rows["image"], dtype=torch.float32, device=self.dev)
+        return images, torch.as_tensor(rows["label"], dtype=torch.long, device=self.dev)
+
+    def batches(self, batch_size: int, shuffle_seed: int | None = None):
+        """Batches in a seeded shuffle (``shuffle_seed``) or in row order (None)."""
+        from components import training
+
+        if self.tensors is not None:
+            yield from training.batches(self.tensors, batch_size, shuffle_seed)
+            return
+        shuffled = shuffle_seed is not None and self.buffer > 0
+        for batch in self.shard.iter_torch_batches(
+            batch_size=batch_size,
+            local_shuffle_buffer_size=self.buffer if shuffled else None,
+            local_shuffle_seed=shuffle_seed if shuffled else None,
+            device=self.dev,
+        ):
+            yield batch["image"], batch["label"]
+
+
+def evaluate(model, split: Split, criterion, num_classes: int, dev, cfg: VisionTrainConfig) -> dict:
     """Loss, accuracy, macro-F1 and confusion matrix over a whole (unsplit) split.
 
     Every rank evaluates all rows with the plain module (no DDP collectives), so each gets the
@@ -206,8 +257,7 @@ def evaluate(model, shard, criterion, num_classes: int, dev, cfg: VisionTrainCon
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=dev)
     loss_sum, seen = 0.0, 0
     with torch.no_grad():
-        for batch in shard.iter_torch_batches(batch_size=max(cfg.batch_size, 256), device=dev):
-            x, y = batch["image"], batch["label"]
+        for x, y in split.batches(max(cfg.batch_size, 256)):
             with training.autocast(dev, cfg.precision):
                 logits = model(x)
             loss_sum += float(criterion(logits.float(), y)) * len(y)
@@ -248,7 +298,7 @@ def _scheduler(optimizer, cfg: VisionTrainConfig):
 class VisionTrain(Component):
     """Trains the CNN classifier on a prepared image dataset (Ray Train, DDP)."""
 
-    version = "2"  # 2: the model bundle (bundle.json + weights.pt)
+    version = "3"  # 2: the model bundle (bundle.json + weights.pt); 3: data held in memory
     Config = VisionTrainConfig
     produces = "model/classifier"
     trainable = "components.vision.tuning:TRAINABLE"

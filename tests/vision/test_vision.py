@@ -102,12 +102,41 @@ def test_rejects_a_single_class_dataset(ray_local, tmp_path):
     assert "needs at least 2 classes" in error and "'prepare'" in error and "seven" in error
 
 
+def test_a_held_shard_is_in_row_order_and_its_batches_follow_the_seed(ray_local):
+    """``train_data: memory`` reads a worker's shard once: Ray Data hands blocks over as they
+    are ready, so the rows are put back in (row_id, copy) order; a seed fixes the shuffle."""
+    import ray
+    import torch
+
+    from components import training
+
+    rng = np.random.default_rng(0)
+    rows = [{"row_id": int(r), "copy": int(c), "x": float(r * 10 + c)}
+            for r in rng.permutation(50) for c in (1, 0)]  # fmt: skip
+    shard = ray.data.from_items(rows, override_num_blocks=7).iterator()
+    held = training.read_shard_of(shard)
+    assert held["row_id"].tolist() == [r for r in range(50) for _ in (0, 1)]
+    assert held["copy"].tolist() == [0, 1] * 50
+    assert held["x"].tolist() == [r * 10.0 + c for r in range(50) for c in (0, 1)]
+
+    x = torch.arange(10)
+    assert [b.tolist() for (b,) in training.batches((x,), 4)] == [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+        [8, 9],
+    ]
+    once, again = ([b.tolist() for (b,) in training.batches((x,), 4, seed=3)] for _ in (0, 1))
+    assert once == again and sorted(sum(once, [])) == list(range(10))
+    assert once != [b.tolist() for (b,) in training.batches((x,), 4, seed=4)]
+
+
 @pytest.mark.slow
 def test_two_workers_on_two_nodes_end_with_identical_parameters(ray_cluster, tmp_path):
+    """Streamed shards (``train_data: stream``, the path of data larger than memory)."""
     record = run(
         vision_pipeline(
             tmp_path / "store",
-            "{epochs: 2, batch_size: 64, width: 8}",
+            "{epochs: 2, batch_size: 64, width: 8, train_data: stream}",
             "{workers: 2, cpus_per_worker: 1}",
         )
     )

@@ -12,6 +12,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 # Keep Ray Data / Train from drawing progress bars into test logs.
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# No preemptible nodes here: Train's preemption watcher would be one more process per run.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # The engine's test components (test.sleep, test.fail) are the tests' own, not the product's.
 os.environ.setdefault("RAYPIPE_COMPONENTS", "tests.engine_components")
 # Downloads of artifacts from URI stores go to a cache of this test session's own.

@@ -11,7 +11,7 @@ from cli_helpers import cli
 
 from pipelines import engine, spec
 
-THREE_TRAININGS = """
+TWO_TRAININGS = """
 name: waits
 storage: {storage}
 stages:
@@ -26,14 +26,14 @@ TRAINING = (
 
 @pytest.fixture
 def impatient_ray():
-    """A 2-CPU Ray whose processes would give up on a Train worker group after 3 s (Ray
+    """A 1-CPU Ray whose processes would give up on a Train worker group after 3 s (Ray
     Train's own default is 60 s): the stages must wait on their own terms."""
     import ray
 
     ray.shutdown()
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "3"
     try:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="WARNING")
         yield
     finally:
         ray.shutdown()
@@ -56,15 +56,15 @@ def _startup_timeouts() -> list[str]:
 
 
 def test_more_trainings_than_cpus_wait_their_turn(impatient_ray, tmp_path):
-    trainings = "".join(TRAINING.format(i=i) for i in range(3))
+    trainings = "".join(TRAINING.format(i=i) for i in range(2))
     path = tmp_path / "waits.yaml"
-    path.write_text(THREE_TRAININGS.format(storage=tmp_path / "store", trainings=trainings))
+    path.write_text(TWO_TRAININGS.format(storage=tmp_path / "store", trainings=trainings))
     record = engine.run_pipeline(spec.load(path), printer=lambda _line: None)
     assert record.ok, record.error
-    # Three one-CPU gangs on two CPUs: one waited longer than the 3 s after which Ray Train
+    # Two one-CPU gangs on one CPU: one waited longer than the 3 s after which Ray Train
     # would have timed it out, and none was retried.
     assert _startup_timeouts() == []
-    runs = [record.stages[f"train{i}"] for i in range(3)]
+    runs = [record.stages[f"train{i}"] for i in range(2)]
     for st in runs:
         assert st.attempts == 1 and st.metrics["resumed_from_epoch"] is None, st.metrics
         assert st.metrics["epochs_run"] == 1

@@ -92,11 +92,15 @@ def plain_app(artifact: str, port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
-def wait_up(url: str, timeout: float = 300) -> None:
+def wait_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    """Waits for ``url`` to answer 200; fails at once, with ``log``'s tail, if ``proc`` ends."""
     import requests
 
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the server for {url} exited with {proc.returncode}:\n{tail}")
         try:
             if requests.get(url, timeout=5).status_code == 200:
                 return
@@ -149,7 +153,8 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="raypipe-serve-bench-"))
     (tmp / "p.yaml").write_text(PIPELINE.format(storage=tmp / "store"))
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
+    # log_to_driver=False: the workers' log lines stay in the session logs, out of the JSON
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     record = engine.run_pipeline(spec.load(tmp / "p.yaml"), printer=lambda _line: None)
     assert record.ok, record.error
     uri = record.tracking
@@ -161,6 +166,9 @@ def main() -> None:
     batched = base.model_copy(update={"name": "batched", "route_prefix": "/b"})
     single = base.model_copy(update={"name": "single", "route_prefix": "/u", "max_batch_size": 1})
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
+    # `mlflow models serve` runs `uvicorn` by name: this interpreter's scripts come first.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    logs = {name: tmp / f"{name}.log" for name in ("mlflow", "plain")}
     procs = []
     try:
         deploy("models:/bench@champion", batched)
@@ -188,7 +196,7 @@ def main() -> None:
                 env=env,
                 cwd=ROOT,
                 stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                stderr=logs["mlflow"].open("w"),
             )  # fmt: skip
         )
         artifact = record.stages["first"].artifact
@@ -199,7 +207,7 @@ def main() -> None:
                 env=env,
                 cwd=ROOT,
                 stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                stderr=logs["plain"].open("w"),
             )  # fmt: skip
         )
         servers = {
@@ -208,8 +216,8 @@ def main() -> None:
             "mlflow_models_serve": f"http://127.0.0.1:{mlflow_port}/invocations",
             "fastapi_uvicorn": f"http://127.0.0.1:{plain_port}/predict",
         }
-        wait_up(f"http://127.0.0.1:{mlflow_port}/ping")
-        wait_up(f"http://127.0.0.1:{plain_port}/docs")
+        wait_up(f"http://127.0.0.1:{mlflow_port}/ping", procs[0], logs["mlflow"])
+        wait_up(f"http://127.0.0.1:{plain_port}/docs", procs[1], logs["plain"])
         for url in servers.values():  # warm up: first requests load lazily
             assert requests.post(url, data=body, timeout=120, headers={
                 "Content-Type": "application/json"}).status_code == 200, url  # fmt: skip
@@ -267,8 +275,13 @@ def main() -> None:
             t.start()
         time.sleep(2)
         second = record.stages["second"]
-        decision = gate(uri, "bench", second.artifact, {"test/accuracy": 1.0},
-                        EvaluateConfig(register_as="bench"), log_model=True)  # fmt: skip
+        decision = gate(uri, "bench", second.artifact, second.metrics,
+                        EvaluateConfig(register_as="bench", metric="test/accuracy"),
+                        tags={"raypipe.run_id": record.run_id, "raypipe.stage": "second",
+                              "raypipe.digest": json.loads(
+                                  (Path(second.artifact) / "manifest.json").read_text())["digest"]},
+                        log_model=True)  # fmt: skip
+        assert decision.promoted, decision  # 4 epochs beat 2 on the digits
         deadline = time.time() + 120
         while time.time() < deadline and (not seen or seen[-1] != decision.version):
             time.sleep(0.2)

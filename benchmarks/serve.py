@@ -140,6 +140,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
+    # Only the JSON goes to stdout: Ray prints its raylet's warnings there.
+    out, sys.stdout = sys.stdout, sys.stderr
 
     import ray
     import requests
@@ -314,7 +316,8 @@ def main() -> None:
                 "swap": swap,
             },
             indent=1,
-        )
+        ),
+        file=out,
     )
 
 

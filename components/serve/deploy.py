@@ -17,6 +17,7 @@ an alias, the running application rolls to each version the alias moves to by it
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,16 @@ from components.serve.settings import ServeSettings
 from components.serve.source import Source
 
 DEPLOYMENT_FILE = "deployment.json"
+#: The environment of Serve's controller, which the proxies it starts inherit: each proxy hands
+#: requests to replicas over gRPC (Ray Serve's throughput-optimized path; by default they go
+#: through Ray's object store). ``benchmarks/serve.py`` measures it. The same variable set
+#: where raypipe deploys from takes precedence. Applied when Serve starts on a cluster.
+SERVE_ENV = {"RAY_SERVE_PROXY_USE_GRPC": "1"}
+
+
+def serve_env() -> dict[str, str]:
+    """:data:`SERVE_ENV`, with this process's values of the same variables on top."""
+    return {key: os.environ.get(key, value) for key, value in SERVE_ENV.items()}
 
 
 def deploy(model: str, settings: ServeSettings, timeout_s: float = 300.0) -> dict[str, Any]:
@@ -54,6 +65,7 @@ def deploy(model: str, settings: ServeSettings, timeout_s: float = 300.0) -> dic
     serve.start(
         http_options={"host": settings.host, "port": settings.port},
         proxy_location=settings.proxy_location,
+        controller_options={"runtime_env": {"env_vars": serve_env()}},
     )
     http = _get_global_client().http_config
     if (http.host, http.port) != (settings.host, settings.port):

@@ -266,6 +266,7 @@ def test_rayservice_serves_the_champion_with_serves_own_schema():
     from ray.serve.schema import ServeDeploySchema
 
     from components.serve.app import build_app
+    from components.serve.deploy import SERVE_ENV  # what `raypipe serve` starts Serve with
     from components.serve.settings import ServeSettings
 
     (doc,) = load("kuberay/rayservice.yaml")
@@ -274,6 +275,7 @@ def test_rayservice_serves_the_champion_with_serves_own_schema():
     assert cluster_spec["authOptions"]["secretName"] == "raypipe-ray-token"
     config = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
     assert (config.http_options.host, config.http_options.port) == ("0.0.0.0", 8000)
+    assert config.controller_options.runtime_env == {"env_vars": SERVE_ENV}
     for template in pod_templates(cluster_spec):  # KubeRay's serve Service targets this port
         assert {"containerPort": 8000, "name": "serve"} in containers(template)[0]["ports"]
     (application,) = config.applications

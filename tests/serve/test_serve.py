@@ -200,6 +200,18 @@ def test_the_deployed_champion_answers_as_the_offline_model(served):
     assert deployed["url"] == url and deployed["version"] == "1"
 
 
+def test_the_proxies_reach_the_replicas_over_grpc(served):
+    """``deploy`` starts Serve's controller with RAY_SERVE_PROXY_USE_GRPC=1, and every proxy it
+    starts (one per node here) inherits it."""
+    import psutil
+
+    proxies = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if (proc.info["cmdline"] or [""])[0].startswith("ray::ProxyActor"):
+            proxies.append(proc.environ().get("RAY_SERVE_PROXY_USE_GRPC"))
+    assert proxies and set(proxies) == {"1"}, proxies
+
+
 def test_mlflow_loads_the_registered_champion_with_its_own_loader(served):
     import mlflow
 

@@ -38,6 +38,23 @@ class EarlyStopping(StrictModel):
     patience: int = Field(10, ge=1)
 
 
+class NumericEmbedding(StrictModel):
+    """Periodic embeddings of the numeric features (``model.PeriodicEmbeddings``: PLR,
+    Gorishniy et al. 2022), instead of the standardized values as they are.
+
+    Attributes:
+        kind: ``periodic``.
+        frequencies: learned frequencies per feature.
+        sigma: the spread of their initial values (the features are standardized).
+        dim: each feature's embedding width.
+    """
+
+    kind: Literal["periodic"] = "periodic"
+    frequencies: int = Field(16, ge=1, le=256)
+    sigma: float = Field(1.0, gt=0, allow_inf_nan=False)
+    dim: int = Field(16, ge=1, le=256)
+
+
 class MLPConfig(TrainSettings):
     """Settings of ``tabular.mlp`` (the shared ones are in ``TrainSettings``).
 
@@ -53,6 +70,8 @@ class MLPConfig(TrainSettings):
         max_embedding_dim: the widest embedding of a categorical column (narrower for columns
             of few levels, see ``model.embedding_dim``).
         loss: ``mse`` or ``huber`` (on the standardized target; regression only).
+        numeric_embedding: periodic embeddings of the numeric features; null: their
+            standardized values enter the first layer as they are.
         early_stopping: stop when a validation metric stalls (off when null); the same metric
             picks the epoch whose weights are kept.
         train_data: ``memory``: read the worker's share of the train split once and keep it;
@@ -71,6 +90,7 @@ class MLPConfig(TrainSettings):
     norm: Literal["batch", "layer", "none"] = "batch"
     max_embedding_dim: int = Field(16, ge=1, le=1024)
     loss: Literal["mse", "huber"] = "mse"
+    numeric_embedding: NumericEmbedding | None = None
     early_stopping: EarlyStopping | None = EarlyStopping()
     train_data: Literal["auto", "memory", "stream"] = "auto"
     fetch_rows: int = Field(65536, ge=1)
@@ -83,7 +103,7 @@ def build_model(spec, cfg: MLPConfig):
     """The MLP a config describes, for a table of ``spec`` (a ``TableSpec``)."""
     from components.tabular.model import MLP, embedding_dim
 
-    cards = spec.cardinalities()
+    cards, emb = spec.cardinalities(), cfg.numeric_embedding
     return MLP(
         numeric=len(spec.numeric),
         cardinalities=cards,
@@ -92,6 +112,7 @@ def build_model(spec, cfg: MLPConfig):
         outputs=1 if spec.regression else spec.num_classes,
         dropout=cfg.dropout,
         norm=cfg.norm,
+        numeric_embedding=None if emb is None else emb.model_dump(),
     )
 
 
@@ -310,7 +331,7 @@ def _loss(spec, cfg: MLPConfig):
 class MLPStage(Component):
     """Trains the tabular MLP on a prepared table (Ray Train, DDP)."""
 
-    version = "1"
+    version = "2"
     Config = MLPConfig
     produces = "model/mlp"
     trainable = "components.tabular.tuning:TRAINABLE"

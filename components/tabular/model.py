@@ -16,9 +16,42 @@ def embedding_dim(cardinality: int, cap: int) -> int:
     return max(1, min(cap, round(1.6 * cardinality**0.56)))
 
 
+class PeriodicEmbeddings(nn.Module):
+    """Periodic embeddings of numeric features (PLR in Gorishniy, Rubachev and Babenko, "On
+    Embeddings for Numerical Features in Tabular Deep Learning", NeurIPS 2022): feature ``j``
+    of value ``x`` becomes ``ReLU(W_j [sin(2 pi c_j x), cos(2 pi c_j x)] + b_j)``, with its own
+    learned frequencies ``c_j`` (initialized from N(0, sigma^2)) and linear layer. An MLP reads
+    a function of one feature as easily as a line through it; boosted trees get that from
+    their splits.
+
+    Args:
+        features: numeric input features.
+        frequencies: ``k``, frequencies per feature (its embedding reads 2k values).
+        sigma: the spread of the initial frequencies (inputs are standardized).
+        dim: the width of each feature's embedding.
+    """
+
+    def __init__(self, features: int, frequencies: int, sigma: float, dim: int):
+        super().__init__()
+        self.frequencies = nn.Parameter(torch.randn(features, frequencies) * sigma)
+        bound = (2 * frequencies) ** -0.5  # nn.Linear's initialization, per feature
+        self.weight = nn.Parameter(
+            torch.empty(features, 2 * frequencies, dim).uniform_(-bound, bound)
+        )
+        self.bias = nn.Parameter(torch.empty(features, dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, features) -> (N, features * dim)."""
+        angles = 2 * torch.pi * self.frequencies * x.unsqueeze(-1)  # (N, features, k)
+        periodic = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+        out = torch.einsum("nfk,fkd->nfd", periodic, self.weight) + self.bias
+        return torch.relu(out).flatten(1)
+
+
 class MLP(nn.Module):
-    """Numeric features and a learned embedding of each categorical column, concatenated, then
-    one block per entry of ``widths`` (Linear, normalization, ReLU, dropout) and a linear head.
+    """Numeric features (as they are, or their periodic embeddings) and a learned embedding of
+    each categorical column, concatenated, then one block per entry of ``widths`` (Linear,
+    normalization, ReLU, dropout) and a linear head.
 
     Args:
         numeric: numeric input features.
@@ -28,6 +61,8 @@ class MLP(nn.Module):
         outputs: 1 for a regression, the number of classes for a classification.
         dropout: dropout after each block.
         norm: ``batch`` or ``layer`` normalization after each hidden Linear, or ``none``.
+        numeric_embedding: ``{"kind": "periodic", "frequencies", "sigma", "dim"}``
+            (:class:`PeriodicEmbeddings`), or None: the numeric features enter as they are.
     """
 
     def __init__(
@@ -39,6 +74,7 @@ class MLP(nn.Module):
         outputs: int,
         dropout: float = 0.1,
         norm: str = "batch",
+        numeric_embedding: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.hparams = {
@@ -49,12 +85,19 @@ class MLP(nn.Module):
             "outputs": outputs,
             "dropout": dropout,
             "norm": norm,
+            "numeric_embedding": numeric_embedding,
         }
         self.embeddings = nn.ModuleList(
             nn.Embedding(n, d) for n, d in zip(cardinalities, embedding_dims, strict=True)
         )
+        self.numeric_embedding = None
+        numeric_width = numeric
+        if numeric_embedding is not None and numeric > 0:
+            options = {k: v for k, v in numeric_embedding.items() if k != "kind"}
+            self.numeric_embedding = PeriodicEmbeddings(numeric, **options)
+            numeric_width = numeric * options["dim"]
         layers: list[nn.Module] = []
-        width = numeric + sum(embedding_dims)
+        width = numeric_width + sum(embedding_dims)
         for hidden in widths:
             layers.append(nn.Linear(width, hidden))
             if norm == "batch":
@@ -67,6 +110,8 @@ class MLP(nn.Module):
         self.head = nn.Linear(width, outputs)
 
     def forward(self, x_num: torch.Tensor, x_cat: torch.Tensor) -> torch.Tensor:
+        if self.numeric_embedding is not None:
+            x_num = self.numeric_embedding(x_num)
         parts = [x_num, *(emb(x_cat[:, i]) for i, emb in enumerate(self.embeddings))]
         return self.head(self.body(torch.cat(parts, dim=1)))
 

@@ -299,7 +299,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200_000, help="0 skips the comparison")
     parser.add_argument("--large-rows", type=int, default=0, help="0 skips the large run")
     parser.add_argument("--cpus", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each; the best counts")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each")
     parser.add_argument("--rows-per-shard", type=int, default=8192)
     parser.add_argument("--chunk-rows", type=int, default=8192)
     parser.add_argument("--object-store-bytes", type=int, default=0)

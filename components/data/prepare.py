@@ -190,22 +190,24 @@ def prepare(
     copies = config.augment.copies
     if info.kind == "tabular" and config.augment.jitter == 0:
         copies = 0
-    # The write tasks run wherever Ray finds a CPU and send the encoded shard back: only this
-    # stage's process writes into out_dir. out_dir is local to the stage's node (for an s3://
-    # or file:// store it is the node's download cache, published by upload afterwards), so a
-    # task on another node could not write into it; pinning the tasks to this node instead
-    # hangs for ever when the node has no free CPU (a 0-CPU stage task on a num-cpus=0 head,
-    # or a 1-CPU head already holding a job driver). A shard's bytes cross the object store
-    # once, like the rows that went into it.
+    # The write tasks run wherever Ray finds a CPU. out_dir is local to the stage's node (for
+    # an s3:// or file:// store it is the node's download cache, published by upload
+    # afterwards): a task on this node writes its shard there itself, and one on another
+    # node sends the encoded shard back for this process to write, so its bytes cross the
+    # object store once, like the rows that went into it. Pinning the tasks to this node
+    # instead would hang for ever when the node has no free CPU (a 0-CPU stage task on a
+    # num-cpus=0 head, or a 1-CPU head already holding a job driver).
     write_task = ray.remote(num_cpus=1)(_write_shard)
+    here = (ray.get_runtime_context().get_node_id(), str(out_dir))
 
     imputed: Counter = Counter()
 
     def write(value: dict) -> dict:
-        meta = write_file(value.pop("data"), out_dir / value["path"])
+        if "data" in value:  # encoded on another node
+            value.update(write_file(value.pop("data"), out_dir / value["path"]))
         imputed.update(value.pop("imputed", {}))
         count("write", value["rows"])
-        return {**value, **meta}
+        return value
 
     shard_specs = []
     for s, split in enumerate(SPLITS):
@@ -226,7 +228,7 @@ def prepare(
                     "copy": copy[lo : lo + config.rows_per_shard],
                 }
             )
-    job_args = (info, stats, config.augment, table.get("fill", {}))
+    job_args = (info, stats, config.augment, table.get("fill", {}), here)
     shards = _run_tasks(
         lambda spec: write_task.remote(
             spec, *job_args, *[data_refs[c] for c in np.unique(spec["chunk"])]
@@ -419,13 +421,15 @@ def _mode(values: Any) -> Any:
 
 
 def _write_shard(
-    spec: dict, info: Any, stats: dict, augment: Any, fill: dict, *chunks: Any
+    spec: dict, info: Any, stats: dict, augment: Any, fill: dict, here: tuple, *chunks: Any
 ) -> dict:
-    """Builds one shard and returns it encoded (``data``) with its split, path, rows and the
-    values it imputed per column (originals only); the stage writes it (a task may run on any
-    node, and only the stage's node has out_dir)."""
+    """Builds one shard; returns its split, path, rows and the values it imputed per column
+    (originals only). On the stage's node (``here``: its node id and out_dir) the task writes
+    the shard itself and adds its ``bytes`` and ``sha256``; elsewhere it adds the encoded
+    shard (``data``) for the stage to write (only the stage's node has out_dir)."""
     import numpy as np
     import pyarrow as pa
+    import ray
 
     from components.data import normalization, shards
     from components.data.augment import augment_images, jitter_features
@@ -485,14 +489,13 @@ def _write_shard(
         columns["row_id"] = pa.array(spec["row_id"], pa.int64())
         columns["copy"] = pa.array(spec["copy"], pa.int32())
         table = pa.table(columns)
+    shard = {"path": spec["path"], "split": spec["split"], "rows": table.num_rows}
+    node_id, out_dir = here
     data = shards.encode_table(table)
-    return {
-        "path": spec["path"],
-        "split": spec["split"],
-        "rows": table.num_rows,
-        "data": data,
-        "imputed": imputed,
-    }
+    if ray.get_runtime_context().get_node_id() == node_id:
+        written = shards.write_file(data, Path(out_dir) / spec["path"])
+        return {**shard, **written, "imputed": imputed}
+    return {**shard, "data": data, "imputed": imputed}
 
 
 # -- driver helpers ----------------------------------------------------------------------------
@@ -517,6 +520,7 @@ def _run_tasks(
     """
     import ray
 
+    from components.data.shards import ShardWriteError
     from components.data.sources import SourceError
 
     results: list[Any] = [None] * len(items)
@@ -530,6 +534,10 @@ def _run_tasks(
             return results
         [done], _ = ray.wait(list(running), num_returns=1)
         index, refs = running.pop(done)
+        # the next task starts before this result is handled: no core waits on this process
+        if (nxt := next(queue, None)) is not None:
+            more = submit(nxt[1])
+            running[more[0] if first_only else more] = (nxt[0], more)
         try:
             value = ray.get(done)
             if on_done is not None:
@@ -537,9 +545,9 @@ def _run_tasks(
                 value = value if kept is None else kept
         except ray.exceptions.RayTaskError as e:
             _stop(list(running))
-            # a source error names the bad file: raise it as itself, not wrapped in Ray's error
+            # a source or shard error names the file: raise it as itself, not wrapped in Ray's
             cause = getattr(e, "cause", None)
-            if isinstance(cause, SourceError):
+            if isinstance(cause, SourceError | ShardWriteError):
                 raise cause from None
             raise
         except BaseException:

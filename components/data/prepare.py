@@ -198,7 +198,9 @@ def prepare(
     # instead would hang for ever when the node has no free CPU (a 0-CPU stage task on a
     # num-cpus=0 head, or a 1-CPU head already holding a job driver).
     write_task = ray.remote(num_cpus=1)(_write_shard)
-    here = (ray.get_runtime_context().get_node_id(), str(out_dir))
+    # (A Ray client's process is on no node of the cluster: every shard comes back to it.)
+    client = ray.util.client.ray.is_connected()
+    here = (None if client else ray.get_runtime_context().get_node_id(), str(out_dir))
 
     imputed: Counter = Counter()
 
@@ -424,9 +426,10 @@ def _write_shard(
     spec: dict, info: Any, stats: dict, augment: Any, fill: dict, here: tuple, *chunks: Any
 ) -> dict:
     """Builds one shard; returns its split, path, rows and the values it imputed per column
-    (originals only). On the stage's node (``here``: its node id and out_dir) the task writes
-    the shard itself and adds its ``bytes`` and ``sha256``; elsewhere it adds the encoded
-    shard (``data``) for the stage to write (only the stage's node has out_dir)."""
+    (originals only). On the stage's node (``here``: its node id, None for a Ray client's
+    process, and out_dir) the task writes the shard itself and adds its ``bytes`` and
+    ``sha256``; elsewhere it adds the encoded shard (``data``) for the stage to write (only
+    the stage's node has out_dir)."""
     import numpy as np
     import pyarrow as pa
     import ray
@@ -492,7 +495,7 @@ def _write_shard(
     shard = {"path": spec["path"], "split": spec["split"], "rows": table.num_rows}
     node_id, out_dir = here
     data = shards.encode_table(table)
-    if ray.get_runtime_context().get_node_id() == node_id:
+    if node_id is not None and ray.get_runtime_context().get_node_id() == node_id:
         written = shards.write_file(data, Path(out_dir) / spec["path"])
         return {**shard, **written, "imputed": imputed}
     return {**shard, "data": data, "imputed": imputed}

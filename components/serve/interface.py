@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
 from components.serve.settings import Limits
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class BadRequest(ValueError):
@@ -257,6 +260,11 @@ class TextInputs(Inputs):
             if len(text) > limits.max_text_chars:
                 raise BadRequest(
                     f"inputs[{i}]: {len(text)} characters, at most {limits.max_text_chars}"
+                )
+            if bad := _SURROGATE.search(text):  # a JSON "\ud800" escape: no tokenizer takes it
+                raise BadRequest(
+                    f"inputs[{i}]: not valid Unicode: a lone surrogate "
+                    f"U+{ord(bad.group()):04X} at character {bad.start()}"
                 )
         return Part(list(items), len(items))
 

@@ -413,17 +413,43 @@ def _classification_shard(job: dict, tokenizer_json: str, max_tokens: int) -> di
     }
 
 
-def _encode_piece(text: str, tokenizer_json: str):
-    import numpy as np
+def _encode_pieces(texts: list[str], tokenizer_json: str) -> list:
+    """The ids of each of some document pieces (BPE encodes them in parallel threads)."""
 
     from components.text.tokenizer import Tokenizer
 
-    return np.asarray(Tokenizer.from_json(tokenizer_json).encode(text), dtype=np.int32)
+    return Tokenizer.from_json(tokenizer_json).encode_arrays(texts)
+
+
+def _groups(sizes: list[int], count: int) -> list[slice]:
+    """``count`` (or fewer) contiguous runs of items of about equal total size."""
+    bounds, total, acc = [0], max(sum(sizes), 1), 0
+    for i, size in enumerate(sizes[:-1], start=1):
+        acc += size
+        if acc * count >= total * len(bounds):
+            bounds.append(i)
+    bounds.append(len(sizes))
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+
+def _block_rows(stream, block: int, lo: int, hi: int):
+    """Rows ``lo``..``hi`` of a stream cut into ``block`` + 1 ids each (the last id is the
+    next row's first; the final row may be shorter), as a list<int32> array."""
+    import numpy as np
+    import pyarrow as pa
+
+    starts = np.arange(lo, hi, dtype=np.int64) * block
+    ends = np.minimum(starts + block + 1, len(stream))
+    offsets = np.zeros(hi - lo + 1, np.int32)
+    np.cumsum(ends - starts, out=offsets[1:])
+    take = np.repeat(starts - offsets[:-1], ends - starts) + np.arange(offsets[-1])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(stream[take], pa.int32()))
 
 
 def _write_blocks(out_dir, pieces, tokenizer_json, config, limit):
-    """A task per document piece tokenizes it; each split's stream (pieces in order) is cut
-    into rows of ``block_tokens`` + 1 ids (the last id is the next row's first)."""
+    """Tasks tokenize the document pieces (a few runs of pieces per CPU, so that no task is
+    too small to pay for itself); each split's stream (pieces in order) is cut into rows of
+    ``block_tokens`` + 1 ids (the last id is the next row's first)."""
     import numpy as np
     import pyarrow as pa
     import ray
@@ -432,30 +458,31 @@ def _write_blocks(out_dir, pieces, tokenizer_json, config, limit):
     from components.data.shards import shard_name, write_table
     from components.text.tokenizer import UNK_ID
 
-    task = ray.remote(num_cpus=1)(_encode_piece)
+    task = ray.remote(num_cpus=1)(_encode_pieces)
     ref = ray.put(tokenizer_json)
     jobs = [(split, text) for split in SPLITS for text, _ in pieces[split]]
-    encoded = _run_tasks(lambda job: task.remote(job[1], ref), jobs, limit)
+    runs = _groups([len(text) for _, text in jobs], 4 * limit)
+    done = _run_tasks(lambda run: task.remote([t for _, t in jobs[run]], ref), runs, limit)
+    encoded = [ids for part in done for ids in part]
     block = config.block_tokens
     shards, facts = [], {}
     for split in SPLITS:
         parts = [ids for (s, _), ids in zip(jobs, encoded, strict=True) if s == split]
         stream = np.concatenate(parts) if parts else np.zeros(0, np.int32)
-        starts = list(range(0, max(len(stream) - 1, 0), block))
-        rows = [stream[i : i + block + 1] for i in starts]
-        for j, lo in enumerate(range(0, len(rows), config.rows_per_shard)):
-            part = rows[lo : lo + config.rows_per_shard]
+        rows = len(range(0, max(len(stream) - 1, 0), block))
+        for j, lo in enumerate(range(0, rows, config.rows_per_shard)):
+            hi = min(lo + config.rows_per_shard, rows)
             table = pa.table(
                 {
-                    "ids": pa.array(part, pa.list_(pa.int32())),
-                    "block": pa.array(range(lo, lo + len(part)), pa.int64()),
+                    "ids": _block_rows(stream, block, lo, hi),
+                    "block": pa.array(range(lo, hi), pa.int64()),
                 }
             )
             path = shard_name(split, j)
             shards.append({"path": path, "split": split, **write_table(table, out_dir / path)})
         facts[split] = {
             "texts": len({d for _, d in pieces[split]}),
-            "rows": len(rows),
+            "rows": rows,
             "chars": sum(len(text) for text, _ in pieces[split]),
             "tokens": int(len(stream)),
             "unknown_tokens": int((stream == UNK_ID).sum()),

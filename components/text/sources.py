@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from components.data.sources import Reject, SourceError
+from components.text.tokenizer import not_unicode
 
 #: Every reason a text can be quarantined for, in the order reports list them.
 REASONS = (
@@ -141,6 +142,10 @@ def _check(
     )
     if bad:
         return "undecodable", f"{where}: {_undecodable_detail(bad.group())}"
+    # a JSON "\ud800" escape parses to a lone surrogate: no tokenizer can encode it
+    problem = not_unicode(text) or (labelled and isinstance(label, str) and not_unicode(label))
+    if problem:
+        return "undecodable", f"{where}: {problem}"
     if not text.strip():
         return "empty", "empty or whitespace only"
     if len(text) > max_chars:

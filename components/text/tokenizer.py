@@ -14,6 +14,7 @@ the vocabulary it was trained on. Ids 0 and 1 are ``<pad>`` and ``<unk>`` in bot
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -21,6 +22,23 @@ from typing import Any
 PAD, UNK = "<pad>", "<unk>"
 PAD_ID, UNK_ID = 0, 1
 FORMAT = "raypipe.tokenizer/1"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def not_unicode(text: str) -> str:
+    """Why ``text`` is not valid Unicode (a lone surrogate, such as a JSON ``"\\ud800"``
+    escape gives), or "" when it is."""
+    bad = _SURROGATE.search(text)
+    if bad is None:
+        return ""
+    code = ord(bad.group())
+    return f"not valid Unicode: a lone surrogate U+{code:04X} at character {bad.start()}"
+
+
+def _check_unicode(texts: list[str]) -> None:
+    for i, text in enumerate(texts):
+        if problem := not_unicode(text):
+            raise ValueError(f"text {i}: {problem}")
 
 
 class Tokenizer:
@@ -34,6 +52,7 @@ class Tokenizer:
 
     def __init__(self, kind: str, lowercase: bool, chars: list[str] | None = None, bpe=None):
         self.kind, self.lowercase = kind, lowercase
+        self._codes = None
         self._chars = chars
         self._bpe = bpe
         if kind == "char":
@@ -47,13 +66,48 @@ class Tokenizer:
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """The ids of each text (BPE encodes a batch in parallel threads)."""
+        """The ids of each text (BPE encodes a batch in parallel threads).
+
+        Raises:
+            ValueError: a text is not valid Unicode (it says which and where).
+        """
+        _check_unicode(texts)
         if self.lowercase:
             texts = [t.lower() for t in texts]
         if self.kind == "char":
             ids = self._ids
             return [[ids.get(c, UNK_ID) for c in text] for text in texts]
         return [e.ids for e in self._bpe.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_arrays(self, texts: list[str]) -> list:
+        """The ids of each text as an int32 array, as :meth:`encode_batch` gives them; a
+        character vocabulary looks whole texts up at once (numpy), not character by
+        character.
+
+        Raises:
+            ValueError: a text is not valid Unicode (it says which and where).
+        """
+        import numpy as np
+
+        _check_unicode(texts)
+        if self.kind != "char":
+            return [np.asarray(ids, np.int32) for ids in self.encode_batch(texts)]
+        if self._codes is None:  # the sorted code points of the vocabulary, and their ids
+            singles = [(ord(c), i) for c, i in self._ids.items() if len(c) == 1]
+            singles.sort()
+            self._codes = (
+                np.array([c for c, _ in singles], np.uint32),
+                np.array([i for _, i in singles], np.int32),
+            )
+        codes, ids = self._codes
+        out = []
+        for text in texts:
+            text = text.lower() if self.lowercase else text
+            points = np.frombuffer(text.encode("utf-32-le"), "<u4")
+            at = np.minimum(np.searchsorted(codes, points), max(len(codes) - 1, 0))
+            known = codes[at] == points if len(codes) else np.zeros(len(points), bool)
+            out.append(np.where(known, ids[at] if len(codes) else 0, UNK_ID).astype(np.int32))
+        return out
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of some ids (``<pad>`` dropped, ``<unk>`` shown as is)."""

@@ -321,6 +321,23 @@ def test_the_cli_serves_a_runs_generator_beside_it(served):
     assert requests.get(f"{url}/healthz", timeout=30).json()["version"] == "1"
 
 
+def test_a_text_that_is_not_unicode_is_refused_alone_not_failing_its_batch():
+    """A JSON "\\ud800" escape parses to a string no tokenizer encodes: the request that holds
+    it gets a 422 naming the item, before it can join (and fail) a batch of other requests."""
+    from components.serve.interface import BadRequest, TextInputs
+    from components.serve.settings import Limits
+
+    inputs = TextInputs({"type": "text"})
+    part = inputs.from_json(json.loads('["fine", "caf\\u00e9 \\ud83d\\ude00"]'), Limits())
+    assert part.data == ["fine", "caf\u00e9 \U0001f600"]  # an escaped pair is one character
+    with pytest.raises(BadRequest) as refused:
+        inputs.from_json(json.loads('["fine", "bad \\ud800 text"]'), Limits())
+    assert refused.value.status == 422
+    assert refused.value.reason == (
+        "inputs[1]: not valid Unicode: a lone surrogate U+D800 at character 4"
+    )
+
+
 def test_deploy_refuses_an_unknown_model_and_a_second_port_in_one_line(served):
     from components.serve.deploy import deploy
     from components.serve.settings import ServeSettings

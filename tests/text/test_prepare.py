@@ -98,6 +98,24 @@ def test_language_model_splits_are_contiguous_and_deterministic(ray_local, tmp_p
     assert 0.07 < len(parts[2]) / len(text) < 0.13
 
 
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+@pytest.mark.parametrize("lowercase", [False, True])
+def test_array_encoding_gives_the_ids_of_encode_batch(kind, lowercase):
+    from components.text.config import TokenizerConfig
+    from components.text.tokenizer import UNK_ID, train_tokenizer
+
+    train = ["To be, or not to be: that is the question.", "Ophelia! Nymph, in thy orisons"]
+    tokenizer = train_tokenizer(
+        train * 3, TokenizerConfig(kind=kind, vocab_size=300, lowercase=lowercase)
+    )
+    texts = [*train, "", "Unseen: \u00e9\u00df \u03a9 \U0001f600 tabs\tand\nlines", "x" * 3]
+    arrays = tokenizer.encode_arrays(texts)
+    assert [a.tolist() for a in arrays] == tokenizer.encode_batch(texts)
+    assert all(a.dtype == "int32" for a in arrays)
+    if kind == "char":  # characters never seen in train are <unk>, the rest are not
+        assert UNK_ID in arrays[3] and UNK_ID not in arrays[0]
+
+
 @pytest.mark.parametrize(
     ("kind", "content", "extra", "message"),
     [
@@ -174,6 +192,23 @@ def test_bad_texts_are_quarantined_with_file_line_and_counted(ray_local, tmp_pat
     assert f"line {line}" in bad["detail"] and "0xe9" in bad["detail"]
     dup = next(q for q in quarantine if q["reason"] == "duplicate")
     assert f"same text as {csv_path}:2 (different label)" in dup["detail"]
+
+
+def test_json_escapes_of_lone_surrogates_are_quarantined_with_their_line(tmp_path):
+    rows = [{"text": f"review {i} is fine", "label": "ab"[i % 2]} for i in range(6)]
+    lines = [json.dumps(r) for r in rows]
+    lines[2] = '{"text": "bad \\ud800 text", "label": "a"}'  # valid JSON, not valid Unicode
+    lines[4] = '{"text": "fine text", "label": "\\udfff"}'
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    source = config(source={"kind": "jsonl", "paths": [str(path)]}).source
+    chunk = sources.read(source, str(path), "classification", None, 1000)
+    assert len(chunk.texts) == 4
+    assert [(r.index, r.reason) for r in chunk.rejects] == [(3, "undecodable"), (5, "undecodable")]
+    assert "line 3: not valid Unicode: a lone surrogate U+D800 at character 4" in (
+        chunk.rejects[0].detail
+    )
+    assert "U+DFFF" in chunk.rejects[1].detail
 
 
 def test_text_files_empty_binary_or_undecodable_are_quarantined_whole(ray_local, tmp_path):

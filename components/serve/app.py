@@ -248,7 +248,10 @@ def make_api(server: ModelServer) -> FastAPI:
     api.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
 
     def error(status: int, reason: str) -> JSONResponse:
-        return JSONResponse({"error": " ".join(str(reason).split())}, status_code=status)
+        # A reason may quote the request (a key, a value): a lone surrogate from a JSON
+        # "\ud800" escape is written as that escape, or the body could not be encoded.
+        line = " ".join(str(reason).split()).encode("utf-8", "backslashreplace").decode()
+        return JSONResponse({"error": line}, status_code=status)
 
     @api.exception_handler(BadRequest)
     async def _bad_request(_request, e: BadRequest):

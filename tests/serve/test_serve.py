@@ -314,6 +314,8 @@ def test_the_cli_serves_a_runs_generator_beside_it(served):
         ({"n": Limits().max_samples + 1}, 422, f"at most {Limits().max_samples}"),
         ({"n": 0}, 422, "n:"),
         ({"n": 1, "color": "red"}, 422, "color"),
+        # a body that is not valid Unicode (a JSON "\ud800" escape)
+        ({"n": 1, "\ud800": 2}, 422, "unicode"),
     ]:
         r = post(f"{vae}/sample", json=body)
         assert r.status_code == status and fragment in r.json()["error"], (body, r.text)

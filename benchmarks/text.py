@@ -285,15 +285,15 @@ def single_process(config, out_dir: Path) -> float:
     tokenizer = train_tokenizer([t for t, _ in pieces["train"]], config.tokenizer)
     block = config.block_tokens
     for split in prepare.SPLITS:
-        parts = [np.asarray(tokenizer.encode(t), np.int32) for t, _ in pieces[split]]
+        parts = [tokenizer.encode_arrays([t])[0] for t, _ in pieces[split]]
         stream = np.concatenate(parts)
-        rows = [stream[i : i + block + 1] for i in range(0, len(stream) - 1, block)]
-        for j, lo in enumerate(range(0, len(rows), config.rows_per_shard)):
-            part = rows[lo : lo + config.rows_per_shard]
+        rows = len(range(0, len(stream) - 1, block))
+        for j, lo in enumerate(range(0, rows, config.rows_per_shard)):
+            hi = min(lo + config.rows_per_shard, rows)
             table = pa.table(
                 {
-                    "ids": pa.array(part, pa.list_(pa.int32())),
-                    "block": pa.array(range(lo, lo + len(part)), pa.int64()),
+                    "ids": prepare._block_rows(stream, block, lo, hi),
+                    "block": pa.array(range(lo, hi), pa.int64()),
                 }
             )
             write_table(table, out_dir / shard_name(split, j))

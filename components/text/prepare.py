@@ -11,9 +11,10 @@ How the work runs on Ray, and why the output never depends on it:
    of the characters, validation the stretch after it and test the tail (cut at line starts).
 3. **tokenizer** (driver): characters or byte-level BPE, trained on the train split only.
 4. **tokenize + write** (tasks): classification: a task per shard (ids truncated to
-   ``max_tokens``, lengths, labels, row ids); language modelling: a task per document piece,
-   then the driver cuts each split's token stream into rows of ``block_tokens`` + 1 ids. The
-   shards are encoded with the pinned Parquet options of ``components/data/shards.py``.
+   ``max_tokens``, lengths, labels, row ids); language modelling: a task per run of
+   document pieces (a few runs per CPU), then the driver cuts each split's token stream into
+   rows of ``block_tokens`` + 1 ids. The shards are encoded with the pinned Parquet options of
+   ``components/data/shards.py``.
 
 ``tasks`` changes how the work is cut, never a byte of output: the tests check this.
 """

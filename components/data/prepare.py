@@ -495,7 +495,9 @@ def _write_shard(
     shard = {"path": spec["path"], "split": spec["split"], "rows": table.num_rows}
     node_id, out_dir = here
     data = shards.encode_table(table)
-    if node_id is not None and ray.get_runtime_context().get_node_id() == node_id:
+    # (A task still running after its stage failed and dropped out_dir must not make it again.)
+    here_now = node_id is not None and ray.get_runtime_context().get_node_id() == node_id
+    if here_now and Path(out_dir).is_dir():
         written = shards.write_file(data, Path(out_dir) / spec["path"])
         return {**shard, **written, "imputed": imputed}
     return {**shard, "data": data, "imputed": imputed}

@@ -90,6 +90,19 @@ def _escape(match: re.Match) -> str:
     return match.group().encode("unicode_escape").decode("ascii")
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def not_unicode(text: str) -> str:
+    """Why ``text`` is not valid Unicode (a lone surrogate, such as a JSON ``"\\ud800"``
+    escape gives: no encoder or tokenizer takes it), or "" when it is."""
+    bad = _SURROGATE.search(text)
+    if bad is None:
+        return ""
+    code = ord(bad.group())
+    return f"not valid Unicode: a lone surrogate U+{code:04X} at character {bad.start()}"
+
+
 def one_line(text: Any, limit: int = MAX_LINE_CHARS) -> str:
     """What may be shown of ``text`` on one line: secrets redacted, control characters
     (newlines too) escaped, at most ``limit`` characters."""

@@ -28,15 +28,13 @@ from __future__ import annotations
 
 import io
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
 from components.serve.settings import Limits
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
+from pipelines.guards import not_unicode
 
 
 class BadRequest(ValueError):
@@ -261,11 +259,8 @@ class TextInputs(Inputs):
                 raise BadRequest(
                     f"inputs[{i}]: {len(text)} characters, at most {limits.max_text_chars}"
                 )
-            if bad := _SURROGATE.search(text):  # a JSON "\ud800" escape: no tokenizer takes it
-                raise BadRequest(
-                    f"inputs[{i}]: not valid Unicode: a lone surrogate "
-                    f"U+{ord(bad.group()):04X} at character {bad.start()}"
-                )
+            if problem := not_unicode(text):  # before it can join (and fail) a batch
+                raise BadRequest(f"inputs[{i}]: {problem}")
         return Part(list(items), len(items))
 
     def example(self) -> Any:

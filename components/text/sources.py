@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from components.data.sources import Reject, SourceError
-from components.text.tokenizer import not_unicode
+from pipelines.guards import not_unicode
 
 #: Every reason a text can be quarantined for, in the order reports list them.
 REASONS = (

@@ -14,25 +14,15 @@ the vocabulary it was trained on. Ids 0 and 1 are ``<pad>`` and ``<unk>`` in bot
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
+from pipelines.guards import not_unicode
+
 PAD, UNK = "<pad>", "<unk>"
 PAD_ID, UNK_ID = 0, 1
 FORMAT = "raypipe.tokenizer/1"
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def not_unicode(text: str) -> str:
-    """Why ``text`` is not valid Unicode (a lone surrogate, such as a JSON ``"\\ud800"``
-    escape gives), or "" when it is."""
-    bad = _SURROGATE.search(text)
-    if bad is None:
-        return ""
-    code = ord(bad.group())
-    return f"not valid Unicode: a lone surrogate U+{code:04X} at character {bad.start()}"
 
 
 def _check_unicode(texts: list[str]) -> None:
@@ -89,9 +79,9 @@ class Tokenizer:
         """
         import numpy as np
 
-        _check_unicode(texts)
-        if self.kind != "char":
+        if self.kind != "char":  # encode_batch checks the texts
             return [np.asarray(ids, np.int32) for ids in self.encode_batch(texts)]
+        _check_unicode(texts)
         if self._codes is None:  # the sorted code points of the vocabulary, and their ids
             singles = [(ord(c), i) for c, i in self._ids.items() if len(c) == 1]
             singles.sort()

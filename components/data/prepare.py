@@ -531,18 +531,19 @@ def _run_tasks(
     results: list[Any] = [None] * len(items)
     running: dict[Any, tuple[int, Any]] = {}
     queue = iter(enumerate(items))
-    while True:
+
+    def top_up() -> None:
         while len(running) < limit and (nxt := next(queue, None)) is not None:
             refs = submit(nxt[1])
             running[refs[0] if first_only else refs] = (nxt[0], refs)
+
+    while True:
+        top_up()
         if not running:
             return results
         [done], _ = ray.wait(list(running), num_returns=1)
         index, refs = running.pop(done)
-        # the next task starts before this result is handled: no core waits on this process
-        if (nxt := next(queue, None)) is not None:
-            more = submit(nxt[1])
-            running[more[0] if first_only else more] = (nxt[0], more)
+        top_up()  # the next task starts before this result is handled: no core waits on it
         try:
             value = ray.get(done)
             if on_done is not None:

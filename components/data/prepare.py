@@ -518,7 +518,7 @@ def _run_tasks(
 
     ``on_done(result)`` runs on each result as it arrives; what it returns, when not None, is
     kept in place of the result (the write phase keeps a shard's metadata, not its bytes). If a
-    task or ``on_done`` fails, the tasks still running are stopped before the error is raised.
+    task or ``on_done`` fails, the tasks still running are waited for before the error is raised.
 
     With ``first_only`` a submission returns several refs: only the first is fetched and the
     result is ``(value, other refs...)``, so that bulk data stays in the object store.
@@ -563,12 +563,16 @@ def _run_tasks(
 
 
 def _stop(refs: list[Any], timeout: float = 60.0) -> None:
-    """Cancels the tasks still running after one failed, and waits until they have ended, so
-    a failed stage leaves no work of its own behind on the cluster."""
+    """Waits for the tasks still running after one failed to end, so a failed stage leaves no
+    work of its own behind (nor a task writing into the output it is about to remove).
+
+    They are not cancelled: in Ray 2.60 a task cancelled as it completes can crash its owner,
+    here the driver ("Check failed: ... Tried to complete task that was not pending"). At most
+    ``limit`` tasks run, so this waits for one task's time at most (``timeout`` bounds a hung
+    one).
+    """
     import ray
 
-    for ref in refs:
-        ray.cancel(ref)
     if refs:
         ray.wait(refs, num_returns=len(refs), timeout=timeout)
 

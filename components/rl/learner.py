@@ -95,7 +95,7 @@ class DDPGTorchLearner(TorchLearner):
             self.register_optimizer(
                 module_id=module_id,
                 optimizer_name=name,
-                optimizer=torch.optim.Adam(params, foreach=True),
+                optimizer=torch.optim.Adam(params, fused=True),
                 params=params,
                 lr_or_lr_schedule=lr,
             )

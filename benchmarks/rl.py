@@ -2,6 +2,7 @@
 
     python benchmarks/rl.py --seeds 0 1 2 --out rl.json    # the full figures (~1 h on 2 cores)
     python benchmarks/rl.py --seeds 0 --steps 1000 2000 --learning-starts 500   # a smoke run
+    python benchmarks/rl.py --stage 2      # `raypipe run pipelines/ddpg.yaml` (10k steps) vs SB3
 
 All runs use rl-baselines3-zoo's Pendulum settings (gamma 0.98, buffer 200k, learning_starts
 10k, Gaussian noise 0.1, lr 1e-3, [400, 300], batch 256, tau 0.005, one gradient step per env
@@ -168,6 +169,80 @@ def throughput(steps: int, rounds: int) -> dict:
     return out
 
 
+PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "ddpg.yaml"
+
+
+def stage_against_sb3(rounds: int, timesteps: int = 10_000) -> dict:
+    """The ``rl.ddpg`` stage as a user runs it against SB3's ``learn()`` with its settings.
+
+    Each round runs ``raypipe run pipelines/ddpg.yaml agent.timesteps=N`` in a fresh process
+    (fresh storage: no cache) and reads the stage's own training time from the run record
+    (``train/time_s``: its sampling, updates, the evaluations it runs every 5k steps and its
+    checkpoints); its exported policy is evaluated by :func:`evaluate`. Then SB3 DDPG with the
+    pipeline's settings (learning after 1,000 steps, seed 0) learns as many steps in this
+    process, timed around ``learn()`` alone, and is evaluated by the same function.
+    """
+    import subprocess
+    import tempfile
+
+    import yaml
+
+    from components.rl.policy import load_policy
+
+    stage = yaml.safe_load(PIPELINE.read_text())["stages"]["agent"]["with"]
+    rounds_out = []
+    for _ in range(rounds):
+        with tempfile.TemporaryDirectory(prefix="raypipe-rl-bench-") as tmp:
+            started = time.perf_counter()
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pipelines.cli",
+                    "run",
+                    str(PIPELINE),
+                    f"agent.timesteps={timesteps}",
+                    f"storage={tmp}",
+                ],
+                cwd=Path(__file__).resolve().parents[1],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            wall = time.perf_counter() - started
+            if done.returncode != 0:
+                raise SystemExit(f"raypipe run failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+            (record,) = Path(tmp, "runs").glob("*/run.json")
+            agent = json.loads(record.read_text())["stages"]["agent"]
+            metrics = agent["metrics"]
+            returns = evaluate(load_policy(Path(agent["artifact"])))
+        saved = ZOO["learning_starts"]
+        ZOO["learning_starts"] = stage["learning_starts"]
+        torch.manual_seed(stage["seed"])
+        sb3 = run_sb3(stage["seed"], [timesteps])
+        ZOO["learning_starts"] = saved
+        rounds_out.append(
+            {
+                "raypipe_train_s": round(metrics["train/time_s"], 2),
+                "raypipe_run_wall_s": round(wall, 2),
+                "raypipe_eval_return": float(np.mean(returns)),
+                "sb3_learn_s": sb3["points"][-1]["train_wall_s"],
+                "sb3_eval_return": sb3["points"][-1]["return_mean"],
+            }
+        )
+        print(json.dumps(rounds_out[-1]), flush=True)
+    speedups = [r["sb3_learn_s"] / r["raypipe_train_s"] for r in rounds_out]
+    return {
+        "timesteps": timesteps,
+        "rounds": rounds_out,
+        "speedup_vs_sb3": {
+            "min": min(speedups),
+            "median": float(np.median(speedups)),
+            "max": max(speedups),
+        },
+    }
+
+
 def _point(steps: int, returns: list[float], train_time: float) -> dict:
     return {
         "env_steps": steps,
@@ -203,12 +278,23 @@ def main() -> None:
         default=0,
         help="only measure learning throughput over STEPS env steps (3 interleaved rounds)",
     )
+    parser.add_argument(
+        "--stage",
+        type=int,
+        metavar="ROUNDS",
+        default=0,
+        help="only time the rl.ddpg stage as `raypipe run` runs it against SB3 (ROUNDS rounds)",
+    )
     args = parser.parse_args()
     ZOO["learning_starts"] = args.learning_starts
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
+    if args.stage:  # the pipeline's own process starts its Ray; SB3 needs none
+        report = {"benchmark": "rl-stage", "stage": stage_against_sb3(args.stage)}
+        print(json.dumps(report, indent=2))
+        return
     ray.init(address="local", include_dashboard=False, logging_level="ERROR")
     if args.throughput_only:
         report = {"benchmark": "rl-throughput", "throughput": throughput(args.throughput_only, 3)}

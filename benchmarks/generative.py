@@ -31,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "generative.yaml"
 
 
-def plain_gan_throughput(data_dir: Path, gan_config: dict, epochs: int) -> float:
+def plain_gan_throughput(data_dir: Path, gan_config: dict, epochs: int, threads: int) -> float:
     """Images/s of the GAN's ``train_step`` in a plain PyTorch loop (no Ray), epochs after
-    the first, on the same train split held in memory."""
+    the first, on the same train split held in memory, with as many torch threads as the Ray
+    Train worker has CPUs (Ray sets its ``OMP_NUM_THREADS`` to them)."""
     import numpy as np
     import torch
 
@@ -42,6 +43,7 @@ def plain_gan_throughput(data_dir: Path, gan_config: dict, epochs: int) -> float
     from components.generative.models import Discriminator, Generator
 
     cfg = GANConfig.model_validate(gan_config)
+    torch.set_num_threads(threads)
     info = load_dataset_info(data_dir)
     x, y = load_numpy(data_dir, "train")
     x = torch.as_tensor(np.clip(denormalize(x, info), 0, 1))
@@ -108,7 +110,7 @@ def main() -> None:
         },
     }
     for name in ("vae", "gan"):
-        m = stages[name]["metrics"]
+        m = stages[name].metrics
         report[name] = {
             "fd_classifier": m["eval/fd_classifier"],
             "fd_classifier_at_init": m["eval/fd_classifier_init"],
@@ -135,14 +137,16 @@ def main() -> None:
 
     from components.bundle import read_bundle
 
+    threads = max(1, int(pipeline.stages["gan"].spec.resources.cpus_per_worker))
     plain = plain_gan_throughput(
-        Path(stages["prepare"].artifact), read_bundle(gan_art).config, args.plain_epochs
+        Path(stages["prepare"].artifact), read_bundle(gan_art).config, args.plain_epochs, threads
     )
     ray_rate = statistics.median(ray_rates)
     report["gan_throughput"] = {
         "ray_train_images_per_s": ray_rate,
         "plain_pytorch_images_per_s": plain,
         "ratio_ray_over_plain": ray_rate / plain,
+        "plain_torch_threads": threads,
         "note": "one Ray Train worker (CPU) vs the same train_step in-process; "
         "per-epoch rates, median, first epoch dropped",
     }

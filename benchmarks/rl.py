@@ -166,6 +166,12 @@ def throughput(steps: int, rounds: int) -> dict:
     out = {name: {"per_round": v, "median": float(np.median(v))} for name, v in speeds.items()}
     for name in ("ddpg", "ddpg_rllib_replay"):
         out[name]["ratio_vs_sb3"] = out[name]["median"] / out["sb3"]["median"]
+        per_round = [a / b for a, b in zip(speeds[name], speeds["sb3"], strict=True)]
+        out[name]["ratio_per_round"] = {
+            "min": min(per_round),
+            "median": float(np.median(per_round)),
+            "max": max(per_round),
+        }
     return out
 
 

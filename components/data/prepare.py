@@ -550,19 +550,19 @@ def _run_tasks(
                 kept = on_done(value)
                 value = value if kept is None else kept
         except ray.exceptions.RayTaskError as e:
-            _stop(list(running))
+            _wait_out(list(running))
             # a source or shard error names the file: raise it as itself, not wrapped in Ray's
             cause = getattr(e, "cause", None)
             if isinstance(cause, SourceError | ShardWriteError):
                 raise cause from None
             raise
         except BaseException:
-            _stop(list(running))
+            _wait_out(list(running))
             raise
         results[index] = (value, *refs[1:]) if first_only else value
 
 
-def _stop(refs: list[Any], timeout: float = 60.0) -> None:
+def _wait_out(refs: list[Any], timeout: float = 60.0) -> None:
     """Waits for the tasks still running after one failed to end, so a failed stage leaves no
     work of its own behind (nor a task writing into the output it is about to remove).
 

@@ -22,7 +22,6 @@ import os
 import re
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,19 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "tests"))  # where the cluster tests' helpers import theirs from
 
+from benchmarks.figures import spread  # noqa: E402
 from components.api import InputArtifact, Resources, StageContext  # noqa: E402
 from pipelines import engine, spec  # noqa: E402
 from tests.cluster.cluster_helpers import SHRINK  # noqa: E402
 from tests.engine_components import Sleep  # noqa: E402
-
-
-def spread(values: list[float], digits: int = 3) -> dict[str, float]:
-    """min, median and max of a figure over rounds."""
-    return {
-        "min": round(min(values), digits),
-        "median": round(statistics.median(values), digits),
-        "max": round(max(values), digits),
-    }
 
 
 def plain_stage(prev_dir: str | None, out_dir: str, value: float) -> str:

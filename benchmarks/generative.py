@@ -30,6 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
+from benchmarks.figures import spread  # noqa: E402
+
 PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "generative.yaml"
 
 
@@ -156,11 +158,7 @@ def main() -> None:
     ratios = [x["ray_train_images_per_s"] / x["plain_pytorch_images_per_s"] for x in rounds]
     report["gan_throughput"] = {
         "rounds": rounds,
-        "ratio_ray_over_plain": {
-            "min": min(ratios),
-            "median": statistics.median(ratios),
-            "max": max(ratios),
-        },
+        "ratio_ray_over_plain": spread(ratios),
         "plain_torch_threads": threads,
         "note": "one Ray Train worker (CPU), the GAN stage alone on the machine, vs the same "
         "train_step in-process; per-epoch rates, median, first epoch dropped",

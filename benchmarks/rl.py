@@ -28,6 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
+from benchmarks.figures import spread  # noqa: E402
+
 ZOO = dict(
     gamma=0.98,
     buffer_size=200_000,
@@ -167,11 +169,7 @@ def throughput(steps: int, rounds: int) -> dict:
     for name in ("ddpg", "ddpg_rllib_replay"):
         out[name]["ratio_vs_sb3"] = out[name]["median"] / out["sb3"]["median"]
         per_round = [a / b for a, b in zip(speeds[name], speeds["sb3"], strict=True)]
-        out[name]["ratio_per_round"] = {
-            "min": min(per_round),
-            "median": float(np.median(per_round)),
-            "max": max(per_round),
-        }
+        out[name]["ratio_per_round"] = spread(per_round)
     return out
 
 
@@ -238,15 +236,7 @@ def stage_against_sb3(rounds: int, timesteps: int = 10_000) -> dict:
         )
         print(json.dumps(rounds_out[-1]), flush=True)
     speedups = [r["sb3_learn_s"] / r["raypipe_train_s"] for r in rounds_out]
-    return {
-        "timesteps": timesteps,
-        "rounds": rounds_out,
-        "speedup_vs_sb3": {
-            "min": min(speedups),
-            "median": float(np.median(speedups)),
-            "max": max(speedups),
-        },
-    }
+    return {"timesteps": timesteps, "rounds": rounds_out, "speedup_vs_sb3": spread(speedups)}
 
 
 def _point(steps: int, returns: list[float], train_time: float) -> dict:

@@ -41,6 +41,8 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.figures import spread  # noqa: E402
+
 PIPELINE = ROOT / "pipelines" / "tabular.yaml"
 
 
@@ -159,13 +161,6 @@ def throughput(storage: Path, data_dir: Path, rounds: int, epochs: int) -> dict:
         plain_rates.append(plain)
         ray_rates.append(ours)
         ratios.append(ours / plain)
-
-    def spread(values: list[float], digits: int) -> dict:
-        return {
-            "min": round(min(values), digits),
-            "median": round(statistics.median(values), digits),
-            "max": round(max(values), digits),
-        }
 
     return {
         "rounds": rounds,

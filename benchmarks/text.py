@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
+from benchmarks.figures import spread  # noqa: E402
 from pipelines import engine, spec  # noqa: E402
 
 TEXT_YAML = ROOT / "pipelines" / "text.yaml"
@@ -89,14 +90,6 @@ def run(storage: Path, stages: dict, name: str = "bench-text") -> dict:
 def history(stage) -> list[dict]:
     path = Path(stage.artifact) / "history.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def spread(values: list[float]) -> dict:
-    return {
-        "min": round(min(values), 3),
-        "median": round(statistics.median(values), 3),
-        "max": round(max(values), 3),
-    }
 
 
 # --- 1. classifier vs TF-IDF + logistic regression ----------------------------------------

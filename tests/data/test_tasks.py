@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -28,19 +27,21 @@ def test_a_failed_task_waits_for_the_running_ones_and_starts_no_more(ray_local, 
         (Path(marks) / f"end-{i}").touch()
         return i
 
+    def marked(kind: str) -> set[int]:
+        return {int(p.name.split("-")[1]) for p in tmp_path.glob(f"{kind}-*")}
+
     with pytest.raises(ray.exceptions.RayTaskError, match="item 1 is bad"):
         _run_tasks(lambda i: task.remote(i, str(tmp_path)), list(range(8)), limit=2)
-    started = {int(p.name.split("-")[1]) for p in tmp_path.glob("start-*")}
-    ended = {int(p.name.split("-")[1]) for p in tmp_path.glob("end-*")}
+    started, ended = marked("start"), marked("end")
     assert 1 in started
     assert ended == started - {1}, "a task was still running when the error was raised"
     time.sleep(1.0)
-    later = {int(p.name.split("-")[1]) for p in tmp_path.glob("start-*")}
+    later = marked("start")
     assert later == started, f"tasks started after the failure: {sorted(later - started)}"
 
 
 STRESS = """
-import sys, time
+import time
 import ray
 from components.data.prepare import _run_tasks
 
@@ -69,7 +70,7 @@ def test_hundreds_of_failed_task_runs_leave_the_driver_alive(tmp_path):
     process down at random. Each driver here fails a run of tasks 400 times; with the cancel,
     about one driver in two died."""
     script = tmp_path / "stress.py"
-    script.write_text(textwrap.dedent(STRESS.format(rounds=400)))
+    script.write_text(STRESS.format(rounds=400))
     for _ in range(3):
         done = subprocess.run(
             [sys.executable, str(script)],

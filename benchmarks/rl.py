@@ -3,6 +3,7 @@
     python benchmarks/rl.py --seeds 0 1 2 --out rl.json    # the full figures (~1 h on 2 cores)
     python benchmarks/rl.py --seeds 0 --steps 1000 2000 --learning-starts 500   # a smoke run
     python benchmarks/rl.py --stage 2      # `raypipe run pipelines/ddpg.yaml` (10k steps) vs SB3
+                                           # (both with as many torch threads as CPUs)
 
 All runs use rl-baselines3-zoo's Pendulum settings (gamma 0.98, buffer 200k, learning_starts
 10k, Gaussian noise 0.1, lr 1e-3, [400, 300], batch 256, tau 0.005, one gradient step per env
@@ -176,15 +177,16 @@ def throughput(steps: int, rounds: int) -> dict:
 PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "ddpg.yaml"
 
 
-def stage_against_sb3(rounds: int, timesteps: int = 10_000) -> dict:
+def stage_against_sb3(rounds: int, threads: int, timesteps: int = 10_000) -> dict:
     """The ``rl.ddpg`` stage as a user runs it against SB3's ``learn()`` with its settings.
 
-    Each round runs ``raypipe run pipelines/ddpg.yaml agent.timesteps=N`` in a fresh process
-    (fresh storage: no cache) and reads the stage's own training time from the run record
-    (``train/time_s``: its sampling, updates, the evaluations it runs every 5k steps and its
-    checkpoints); its exported policy is evaluated by :func:`evaluate`. Then SB3 DDPG with the
-    pipeline's settings (learning after 1,000 steps, seed 0) learns as many steps in this
-    process, timed around ``learn()`` alone, and is evaluated by the same function.
+    Each round runs ``raypipe run pipelines/ddpg.yaml agent.timesteps=N
+    agent.learner_cpus=THREADS`` in a fresh process (fresh storage: no cache) and reads the
+    stage's own training time from the run record (``train/time_s``: its sampling, updates and
+    checkpoints; the evaluations it runs every 5k steps are ``eval/time_s``, apart); its
+    exported policy is evaluated by :func:`evaluate`. Then SB3 DDPG with the pipeline's
+    settings (learning after 1,000 steps, seed 0) learns as many steps in this process with as
+    many torch threads, timed around ``learn()`` alone, and is evaluated by the same function.
     """
     import subprocess
     import tempfile
@@ -206,6 +208,7 @@ def stage_against_sb3(rounds: int, timesteps: int = 10_000) -> dict:
                     "run",
                     str(PIPELINE),
                     f"agent.timesteps={timesteps}",
+                    f"agent.learner_cpus={threads}",
                     f"storage={tmp}",
                 ],
                 cwd=Path(__file__).resolve().parents[1],
@@ -223,11 +226,18 @@ def stage_against_sb3(rounds: int, timesteps: int = 10_000) -> dict:
         saved = ZOO["learning_starts"]
         ZOO["learning_starts"] = stage["learning_starts"]
         torch.manual_seed(stage["seed"])
-        sb3 = run_sb3(stage["seed"], [timesteps])
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            sb3 = run_sb3(stage["seed"], [timesteps])
+        finally:
+            torch.set_num_threads(before)
         ZOO["learning_starts"] = saved
         rounds_out.append(
             {
                 "raypipe_train_s": round(metrics["train/time_s"], 2),
+                "raypipe_eval_s": round(metrics["eval/time_s"], 2),
+                "raypipe_torch_threads": metrics["train/torch_threads"],
                 "raypipe_run_wall_s": round(wall, 2),
                 "raypipe_eval_return": float(np.mean(returns)),
                 "sb3_learn_s": sb3["points"][-1]["train_wall_s"],
@@ -236,7 +246,12 @@ def stage_against_sb3(rounds: int, timesteps: int = 10_000) -> dict:
         )
         print(json.dumps(rounds_out[-1]), flush=True)
     speedups = [r["sb3_learn_s"] / r["raypipe_train_s"] for r in rounds_out]
-    return {"timesteps": timesteps, "rounds": rounds_out, "speedup_vs_sb3": spread(speedups)}
+    return {
+        "timesteps": timesteps,
+        "torch_threads": threads,
+        "rounds": rounds_out,
+        "speedup_vs_sb3": spread(speedups),
+    }
 
 
 def _point(steps: int, returns: list[float], train_time: float) -> dict:
@@ -281,6 +296,12 @@ def main() -> None:
         default=0,
         help="only time the rl.ddpg stage as `raypipe run` runs it against SB3 (ROUNDS rounds)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count(),
+        help="with --stage: the stage's learner_cpus and SB3's torch threads (default: all CPUs)",
+    )
     args = parser.parse_args()
     ZOO["learning_starts"] = args.learning_starts
 
@@ -288,7 +309,7 @@ def main() -> None:
     import ray
 
     if args.stage:  # the pipeline's own process starts its Ray; SB3 needs none
-        report = {"benchmark": "rl-stage", "stage": stage_against_sb3(args.stage)}
+        report = {"benchmark": "rl-stage", "stage": stage_against_sb3(args.stage, args.threads)}
         print(json.dumps(report, indent=2))
         return
     ray.init(address="local", include_dashboard=False, logging_level="ERROR")

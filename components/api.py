@@ -256,7 +256,13 @@ class Component:
     #: Whether ``resources`` are part of the cache key (false where they cannot change output).
     resources_affect_output: ClassVar[bool] = True
     #: CPUs the stage's own Ray task holds; work it starts (Train, Tune, tasks) asks for its own.
+    #: A component whose count depends on its config overrides :meth:`task_cpus_for`.
     task_cpus: ClassVar[float] = 0.0
+
+    @classmethod
+    def task_cpus_for(cls, config: Any) -> float:
+        """CPUs the stage's own Ray task holds to run ``config`` (default: :attr:`task_cpus`)."""
+        return cls.task_cpus
 
     def source_paths(self, config: Any) -> list[str]:
         """Files or folders the stage reads from outside the pipeline (its data sources).

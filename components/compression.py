@@ -394,14 +394,3 @@ def latency_ms(modules: dict[str, nn.Module], inputs: tuple, warmup: int, rounds
                 module(*inputs)
                 times[name].append((time.perf_counter() - started) * 1000)
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-@contextlib.contextmanager
-def threads(n: int) -> Iterator[None]:
-    """Runs the block with ``n`` torch threads (latency is measured at a fixed count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

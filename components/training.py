@@ -151,6 +151,20 @@ def start_from(model, loop: Loop):
     return apply_masks(model, loop.start.get("masks") or {})
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Runs the block with ``n`` torch threads, then restores the count: a Ray worker process
+    outlives its task, and Ray started it with as many threads as its first task's CPUs."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def device():
     """The torch device of this worker (its GPU, or the CPU)."""
     import ray.train.torch

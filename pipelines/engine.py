@@ -589,13 +589,20 @@ class Runner:
             return None  # a cluster: an autoscaler may add the nodes
         import ray
 
-        res = self.pipeline.stages[name].spec.resources
+        stage = self.pipeline.stages[name]
+        res = stage.spec.resources
         total = ray.cluster_resources().get("CPU", 0)
         if res.workers * res.cpus_per_worker > total:
             return (
                 f"resources: {res.workers} workers x {res.cpus_per_worker:g} CPUs need "
                 f"{res.workers * res.cpus_per_worker:g} CPUs; the local Ray has {total:g} "
                 "(lower stage.resources.workers, or run on a cluster with --ray-address)"
+            )
+        own = registry.get(stage.uses).task_cpus_for(stage.config)
+        if own > total:
+            return (
+                f"the stage's own task needs {own:g} CPUs for its {stage.uses} settings; the "
+                f"local Ray has {total:g} (ask for fewer, or run on a cluster with --ray-address)"
             )
         return None
 
@@ -616,7 +623,7 @@ class Runner:
             replace=forced,
         )
         task = remote_stage_task().options(
-            num_cpus=registry.get(stage.uses).task_cpus,
+            num_cpus=registry.get(stage.uses).task_cpus_for(stage.config),
             max_retries=0,
             name=f"raypipe:{self.pipeline.name}:{name}",
         )

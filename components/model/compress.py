@@ -259,6 +259,7 @@ def quantized_state(module, config: CompressConfig, support, original, data_dir)
     """The state to save of ``module`` quantized as ``config.quantize`` says (see
     ``compression.restore``, which rebuilds it)."""
     from components import compression as c
+    from components.training import torch_threads
 
     module.eval()
     if config.quantize == "dynamic":
@@ -268,7 +269,7 @@ def quantized_state(module, config: CompressConfig, support, original, data_dir)
     if config.quantize == "static":
         (images,) = support.inputs(original, data_dir, "train", config.calibration_rows)
         prepared = c.prepare_static(module, images[:2])
-        with c.threads(1):  # calibration statistics do not depend on threads; keep it light
+        with torch_threads(1):  # calibration statistics do not depend on threads; keep it light
             for lo in range(0, len(images), 64):
                 prepared(images[lo : lo + 64])
         return prepared.state_dict()
@@ -279,9 +280,10 @@ def timings(original, compressed, support, loaded, data_dir, config: CompressCon
     """Median milliseconds of a forward pass of each network at each of ``BATCHES``, on test
     rows, in interleaved rounds at ``config.threads`` threads."""
     from components import compression as c
+    from components.training import torch_threads
 
     modules = {"original": original, "compressed": compressed}
-    with c.threads(config.threads):
+    with torch_threads(config.threads):
         return {
             b: c.latency_ms(
                 modules, support.inputs(loaded, data_dir, "test", b), config.warmup, config.rounds

@@ -177,13 +177,18 @@ class DDPGStage(Component):
     Config = DDPGSettings
     produces = "model/ddpg"
     trainable = "components.rl.tuning:TRAINABLE"
-    #: The learner (and, with env_runners 0, the sampling) run in the stage's own task.
-    task_cpus = 1.0
+
+    @classmethod
+    def task_cpus_for(cls, config: DDPGSettings) -> float:
+        """The learner (and, with env_runners 0, the sampling) run in the stage's own task."""
+        return float(config.learner_cpus)
 
     def run(self, ctx: StageContext, config: DDPGSettings) -> dict[str, Any]:
         import ray
+        import torch
 
         from components.rl.policy import load_policy, score_policy
+        from components.training import torch_threads
 
         if not ray.is_initialized():
             ray.init()
@@ -201,12 +206,14 @@ class DDPGStage(Component):
         start_steps, start = _env_steps(algo), time.time()
         metrics: dict[str, Any] = {"train/env_steps": start_steps}
         try:
-            for metrics in train_iterations(algo, config.timesteps):
-                ctx.report(step=metrics["train/env_steps"], **metrics)
-                saved = scratch.save(algo, metrics["train/env_steps"])
-                shutil.copytree(saved, out / "checkpoints" / saved.name, dirs_exist_ok=True)
-            algo.save_to_path(out / "checkpoints" / "final")
-            export_actor(algo, out, config, seed)
+            with torch_threads(config.learner_cpus):
+                threads = torch.get_num_threads()
+                for metrics in train_iterations(algo, config.timesteps):
+                    ctx.report(step=metrics["train/env_steps"], **metrics)
+                    saved = scratch.save(algo, metrics["train/env_steps"])
+                    shutil.copytree(saved, out / "checkpoints" / saved.name, dirs_exist_ok=True)
+                algo.save_to_path(out / "checkpoints" / "final")
+                export_actor(algo, out, config, seed)
         finally:
             algo.stop()
             scratch.close()
@@ -214,7 +221,10 @@ class DDPGStage(Component):
             json.dumps({"settings": config.model_dump(), "seed": seed}, indent=2, sort_keys=True)
         )
         metrics["train/resumed_from_step"] = int(start_steps)
-        metrics["train/time_s"] = time.time() - start
+        # Sampling, updates and checkpoints; the evaluations every eval_every steps apart.
+        metrics["train/time_s"] = time.time() - start - algo.evaluation_s
+        metrics["eval/time_s"] = algo.evaluation_s
+        metrics["train/torch_threads"] = threads
         # The exported policy on env seeds apart from training's, as a gate will score it.
         return {**metrics, **score_policy(load_policy(out), config.eval_episodes, TEST_SEED)}
 
@@ -222,12 +232,12 @@ class DDPGStage(Component):
 def train_iterations(algo, timesteps: int) -> Iterator[dict[str, Any]]:
     """Trains ``algo`` until it has sampled ``timesteps`` env steps in all (counting the steps
     of a restored checkpoint); yields the metrics of each iteration, which ends with an
-    evaluation (see ``build_algorithm_config``)."""
+    evaluation (see ``build_algorithm_config``). Its env steps/s leave the evaluations out."""
     import numpy as np
     from ray.rllib.core import DEFAULT_MODULE_ID
 
     env_steps = _env_steps(algo)
-    start_steps, start = env_steps, time.time()
+    start_steps, start, evaluated = env_steps, time.time(), algo.evaluation_s
     while env_steps < timesteps:
         result = algo.train()
         env_steps = _env_steps(algo)
@@ -239,7 +249,8 @@ def train_iterations(algo, timesteps: int) -> Iterator[dict[str, Any]]:
             "eval/episode_return_min": float(ev["episode_return_min"]),
             "eval/episode_return_max": float(ev["episode_return_max"]),
             "train/env_steps": int(env_steps),
-            "train/env_steps_per_s": (env_steps - start_steps) / max(time.time() - start, 1e-9),
+            "train/env_steps_per_s": (env_steps - start_steps)
+            / max(time.time() - start - (algo.evaluation_s - evaluated), 1e-9),
             "train/critic_loss": float(learner.get("critic_loss", np.nan)),
             "train/actor_loss": float(learner.get("actor_loss", np.nan)),
         }

@@ -33,6 +33,9 @@ class DDPGSettings(StrictModel):
         env_runners: remote RLlib env runners sampling in parallel; 0 samples in the stage's own
             process (fastest on a small machine); unset: ``resources.workers``.
         restart_env_runners: restart a failed env runner and go on training.
+        learner_cpus: CPUs the stage's own task (a tune trial's process) holds for the learner,
+            and with ``env_runners`` 0 for sampling and evaluation; torch computes with as many
+            threads. Each env runner holds one CPU of its own.
         gamma: discount factor.
         tau: Polyak factor of the target networks.
         actor_lr: Adam learning rate of the actor.
@@ -65,6 +68,7 @@ class DDPGSettings(StrictModel):
     timesteps: int = Field(20_000, gt=0)
     env_runners: int | None = Field(None, ge=0)
     restart_env_runners: bool = True
+    learner_cpus: int = Field(1, ge=1)
     gamma: float = Field(0.98, gt=0, le=1)
     tau: float = Field(0.005, gt=0, le=1)
     actor_lr: float = Field(1e-3, gt=0)

@@ -40,19 +40,21 @@ def trial(params: dict[str, Any], *, fixed: dict[str, Any], resources: dict, see
         register_custom_env,
         train_iterations,
     )
+    from components.training import torch_threads
 
     settings = DDPGSettings.model_validate({**fixed, **params})
     seed = seed if settings.seed is None else settings.seed
     register_custom_env(settings)
     algo = build_algorithm_config(settings, seed, env_runners(settings, resources)).build_algo()
     try:
-        for evaluations, metrics in enumerate(train_iterations(algo, settings.timesteps), 1):
-            with tempfile.TemporaryDirectory(prefix="raypipe-policy-") as tmp:
-                export_actor(algo, Path(tmp), settings, seed)
-                checkpoint = tune.Checkpoint.from_directory(tmp)
-                done = metrics["train/env_steps"] >= settings.timesteps
-                report = {**metrics, "epochs_done": evaluations, "completed": done}
-                tune.report(report, checkpoint=checkpoint)
+        with torch_threads(settings.learner_cpus):
+            for evaluations, metrics in enumerate(train_iterations(algo, settings.timesteps), 1):
+                with tempfile.TemporaryDirectory(prefix="raypipe-policy-") as tmp:
+                    export_actor(algo, Path(tmp), settings, seed)
+                    checkpoint = tune.Checkpoint.from_directory(tmp)
+                    done = metrics["train/env_steps"] >= settings.timesteps
+                    report = {**metrics, "epochs_done": evaluations, "completed": done}
+                    tune.report(report, checkpoint=checkpoint)
     finally:
         algo.stop()
 
@@ -90,7 +92,7 @@ TRAINABLE = Trainable(
     budget_keys=("timesteps",),
     budget=lambda config: math.ceil(config.timesteps / config.eval_every),
     keeps_best=True,  # Tune keeps every evaluation's policy; the best one is exported
-    trial_cpus=lambda resources, config: 1 + env_runners(config, resources),
+    trial_cpus=lambda resources, config: config.learner_cpus + env_runners(config, resources),
     smoke=Smoke(
         config={
             "timesteps": 400,

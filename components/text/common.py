@@ -8,13 +8,12 @@ Ray Train mechanics (device, precision, checkpoint, resume, report) are in
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any
 
 from pydantic import Field
 
-from components.training import TrainSettings
+from components.training import TrainSettings, torch_threads
 
 
 class OptimizerSettings(TrainSettings):
@@ -129,15 +128,7 @@ def loaded(bundle, weights):
     return replace(bundle, tensors={"model": weights}).load()
 
 
-@contextlib.contextmanager
 def one_thread():
     """Runs the block with one torch thread: a score computed this way has the same bits in
     the stage, a search's export and a gate (reductions split over threads may not)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return torch_threads(1)

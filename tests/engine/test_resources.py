@@ -77,7 +77,11 @@ def test_a_stage_the_local_ray_can_never_hold_fails_at_once(tmp_path):
         "  prepare: {uses: data.prepare}\n"
         "  train: {uses: vision.train, needs: [prepare], resources: {workers: 64},\n"
         "          with: {epochs: 1}}\n"
+        "  agent: {uses: rl.ddpg, with: {learner_cpus: 64, timesteps: 100}}\n"
     )
     result = cli("run", str(path), timeout=240)
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "need 64 CPUs" in result.stdout + result.stderr
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "need 64 CPUs" in out
+    # A stage whose own task asks for more (a learner's CPUs) fails the same way.
+    assert "own task needs 64 CPUs for its rl.ddpg settings" in out

@@ -40,18 +40,30 @@ def test_stage_learns_pendulum_and_exports_a_runnable_policy(ray_local, tmp_path
 
     from components.rl.policy import load_policy, rollout
 
-    ctx = make_ctx(tmp_path)
+    threads = []  # torch's thread count whenever the stage reports an evaluation
+    ctx = make_ctx(tmp_path, on_progress=lambda _point: threads.append(torch.get_num_threads()))
     config = DDPGSettings(
         env="Pendulum-v1",
         timesteps=4000,
         env_runners=0,
+        learner_cpus=2,
         hiddens=[64, 64],
         learning_starts=500,
         eval_every=2000,
         eval_episodes=5,
         seed=0,
     )
-    metrics = DDPGStage().run(ctx, config)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as Ray starts a 1-CPU task's worker
+    try:
+        metrics = DDPGStage().run(ctx, config)
+        assert torch.get_num_threads() == 1  # the worker process outlives the stage
+    finally:
+        torch.set_num_threads(before)
+    assert threads == [2, 2] and metrics["train/torch_threads"] == 2
+    assert DDPGStage.task_cpus_for(config) == 2  # the engine's task holds as many CPUs
+    # Its training time leaves out the evaluations, timed apart.
+    assert metrics["eval/time_s"] > 0 and metrics["train/time_s"] > 0
 
     # A random policy scores about -1200 on Pendulum; after 4000 steps DDPG is far better
     # (this seed: about -270 over 5 deterministic episodes; -140 at 3000 steps).

@@ -350,7 +350,15 @@ class TuneSearch(Component):
         datasets = {split: ds.materialize() for split, ds in data.datasets.items()}
         cluster = ray.cluster_resources()
         use_gpu = ctx.resources.use_gpu(cluster.get("GPU", 0))
-        trial_cpus = trainable.trial_cpus(ctx.resources, config.trainable_config())
+        fixed = config.trainable_config()
+        trial_cpus = trainable.trial_cpus(ctx.resources, fixed)
+        # A Train trial only drives its TorchTrainer (whose controller holds no CPU either):
+        # it asks for memory alone, so its CPUs are exactly its workers' CPUs. An RL trial
+        # learns (and, without env runners, samples) in its own process, on the CPUs the
+        # stage's own task would hold.
+        own_cpus = (
+            0 if trainable.trial is None else registry.get(config.trainable).task_cpus_for(fixed)
+        )
         concurrent = config.max_concurrent_trials or concurrent_trials(
             ctx.resources, cluster, use_gpu, trial_cpus
         )
@@ -371,10 +379,7 @@ class TuneSearch(Component):
                 groups=groups,
                 seed=config.seed,
             ),
-            # A Train trial only drives its TorchTrainer (whose controller holds no CPU
-            # either): it asks for memory alone, so its CPUs are exactly its workers' CPUs.
-            # An RL trial learns (and, without env runners, samples) in its own process.
-            {"CPU": 0 if trainable.trial is None else 1, "memory": TRIAL_DRIVER_MEMORY},
+            {"CPU": own_cpus, "memory": TRIAL_DRIVER_MEMORY},
         )
         ctx.progress(note=f"{config.num_samples()} samples, {concurrent} trial(s) at once")
         tuner = tune.Tuner(

@@ -110,6 +110,7 @@ stages:
         hiddens: [16]
         batch_size: 32
         env_runners: 0
+        learner_cpus: 2
       search: grid
       scheduler: fifo
       space: {{actor_lr: {{grid: [1.0e-3, 1.0e-4]}}}}
@@ -129,7 +130,8 @@ def test_an_rl_search_exports_each_trials_best_evaluation_and_gates_over_episode
     art, rows, metrics = results(record, "search")
     assert len(rows) == 2 and (rows["status"] == "completed").all(), rows
     assert (rows["epochs_run"] == 3).all()  # 600 steps, an evaluation every 200
-    assert metrics["max_concurrent_trials"] == 2  # one CPU per trial (no env runners)
+    # Each trial holds its learner_cpus (no env runners): one at a time on the 2-CPU Ray.
+    assert metrics["max_concurrent_trials"] == 1
 
     # A trial ranks by its best evaluation, and the search exports that evaluation's policy.
     best = rows.loc[rows["best/eval/episode_return_mean"].idxmax()]

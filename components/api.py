@@ -256,8 +256,10 @@ class Component:
     #: Whether ``resources`` are part of the cache key (false where they cannot change output).
     resources_affect_output: ClassVar[bool] = True
     #: CPUs the stage's own Ray task holds; work it starts (Train, Tune, tasks) asks for its own.
-    #: A component whose count depends on its config overrides :meth:`task_cpus_for`.
+    #: A component whose count depends on its config overrides :meth:`task_cpus_for` and
+    #: names the ``with:`` key that decides it in ``task_cpus_setting`` (errors quote it).
     task_cpus: ClassVar[float] = 0.0
+    task_cpus_setting: ClassVar[str | None] = None
 
     @classmethod
     def task_cpus_for(cls, config: Any) -> float:

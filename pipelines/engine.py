@@ -598,11 +598,15 @@ class Runner:
                 f"{res.workers * res.cpus_per_worker:g} CPUs; the local Ray has {total:g} "
                 "(lower stage.resources.workers, or run on a cluster with --ray-address)"
             )
-        own = registry.get(stage.uses).task_cpus_for(stage.config)
+        component = registry.get(stage.uses)
+        own = component.task_cpus_for(stage.config)
         if own > total:
+            setting = component.task_cpus_setting
             return (
-                f"the stage's own task needs {own:g} CPUs for its {stage.uses} settings; the "
-                f"local Ray has {total:g} (ask for fewer, or run on a cluster with --ray-address)"
+                f"the stage's own task needs {own:g} CPUs"
+                + (f" (stages.{name}.with.{setting})" if setting else "")
+                + f"; the local Ray has {total:g} (ask for fewer, or run on a cluster with "
+                "--ray-address)"
             )
         return None
 

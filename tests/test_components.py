@@ -61,7 +61,11 @@ DATA = {
 @pytest.mark.parametrize("name", registry.names())
 def test_every_component_validates_its_defaults_and_says_what_it_produces(name):
     component = registry.get(name)
-    component.Config.model_validate(REQUIRED.get(name, {}))
+    defaults = component.Config.model_validate(REQUIRED.get(name, {}))
+    # The CPUs its own task holds are a count Ray can give; a key an error names is a real one.
+    assert component.task_cpus_for(defaults) >= 0
+    setting = component.task_cpus_setting
+    assert setting is None or setting in component.Config.model_fields, setting
     assert (
         component.produces
         and "/" in component.produces

@@ -177,6 +177,7 @@ class DDPGStage(Component):
     Config = DDPGSettings
     produces = "model/ddpg"
     trainable = "components.rl.tuning:TRAINABLE"
+    task_cpus_setting = "learner_cpus"
 
     @classmethod
     def task_cpus_for(cls, config: DDPGSettings) -> float:

@@ -84,4 +84,4 @@ def test_a_stage_the_local_ray_can_never_hold_fails_at_once(tmp_path):
     assert result.returncode == 1, out
     assert "need 64 CPUs" in out
     # A stage whose own task asks for more (a learner's CPUs) fails the same way.
-    assert "own task needs 64 CPUs for its rl.ddpg settings" in out
+    assert "own task needs 64 CPUs (stages.agent.with.learner_cpus)" in out

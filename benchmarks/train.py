@@ -123,6 +123,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2: the first epoch is warm-up, not measured")
     import ray
 
     ray.init(address="local", include_dashboard=False, logging_level="ERROR")

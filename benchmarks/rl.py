@@ -194,6 +194,7 @@ def stage_against_sb3(rounds: int, threads: int, timesteps: int = 10_000) -> dic
     import yaml
 
     from components.rl.policy import load_policy
+    from components.training import torch_threads
 
     stage = yaml.safe_load(PIPELINE.read_text())["stages"]["agent"]["with"]
     rounds_out = []
@@ -226,12 +227,8 @@ def stage_against_sb3(rounds: int, threads: int, timesteps: int = 10_000) -> dic
         saved = ZOO["learning_starts"]
         ZOO["learning_starts"] = stage["learning_starts"]
         torch.manual_seed(stage["seed"])
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             sb3 = run_sb3(stage["seed"], [timesteps])
-        finally:
-            torch.set_num_threads(before)
         ZOO["learning_starts"] = saved
         rounds_out.append(
             {

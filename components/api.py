@@ -256,15 +256,17 @@ class Component:
     #: Whether ``resources`` are part of the cache key (false where they cannot change output).
     resources_affect_output: ClassVar[bool] = True
     #: CPUs the stage's own Ray task holds; work it starts (Train, Tune, tasks) asks for its own.
-    #: A component whose count depends on its config overrides :meth:`task_cpus_for` and
-    #: names the ``with:`` key that decides it in ``task_cpus_setting`` (errors quote it).
     task_cpus: ClassVar[float] = 0.0
+    #: The ``with:`` key that sets those CPUs instead, where a setting decides (errors quote it).
     task_cpus_setting: ClassVar[str | None] = None
 
     @classmethod
     def task_cpus_for(cls, config: Any) -> float:
-        """CPUs the stage's own Ray task holds to run ``config`` (default: :attr:`task_cpus`)."""
-        return cls.task_cpus
+        """CPUs the stage's own Ray task holds to run ``config``: its ``task_cpus_setting``
+        key's value, else :attr:`task_cpus`."""
+        if cls.task_cpus_setting is None:
+            return cls.task_cpus
+        return float(getattr(config, cls.task_cpus_setting))
 
     def source_paths(self, config: Any) -> list[str]:
         """Files or folders the stage reads from outside the pipeline (its data sources).

@@ -177,12 +177,8 @@ class DDPGStage(Component):
     Config = DDPGSettings
     produces = "model/ddpg"
     trainable = "components.rl.tuning:TRAINABLE"
+    #: The learner (and, with env_runners 0, the sampling) run in the stage's own task.
     task_cpus_setting = "learner_cpus"
-
-    @classmethod
-    def task_cpus_for(cls, config: DDPGSettings) -> float:
-        """The learner (and, with env_runners 0, the sampling) run in the stage's own task."""
-        return float(config.learner_cpus)
 
     def run(self, ctx: StageContext, config: DDPGSettings) -> dict[str, Any]:
         import ray

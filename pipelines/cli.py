@@ -544,8 +544,8 @@ def serve(
         raise _fail(str(e)) from None
     model = _served_model(model, storage)
     if settings.tracking_uri is None and model.startswith("models:/"):
-        from pipelines.engine import default_tracking_uri
         from pipelines.store import Store
+        from pipelines.tracking import default_tracking_uri
 
         tracking_uri = default_tracking_uri(Store(storage))
         if tracking_uri is None:

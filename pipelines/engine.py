@@ -54,6 +54,7 @@ from pipelines.record import (
 from pipelines.spec import Pipeline, Stage
 from pipelines.stage_task import StageJob, remote_stage_task
 from pipelines.store import ArtifactInvalid, RunLocked, Store, digest_of, driver_lock
+from pipelines.tracking import default_tracking_uri
 
 __all__ = ["PIPELINE_FILE", "RUN_FILE", "RunLocked", "RunRecord", "Runner", "load_record"]
 
@@ -72,11 +73,6 @@ def _entry(stage: Stage) -> StageEntry:
     in it redacted: the record is shown and compared; the run itself uses the config)."""
     config = redact_data(stage.config.model_dump(mode="json"))
     return StageEntry(uses=stage.uses, needs=list(stage.needs), config=config)
-
-
-def default_tracking_uri(store: Store) -> str | None:
-    """MLflow on SQLite under the storage root (only for local storage)."""
-    return f"sqlite:///{store.root}/mlflow.db" if store.is_local else None
 
 
 def _artifact_root(store: Store) -> str | None:
@@ -389,7 +385,8 @@ class Runner:
         from pipelines.tracking import Tracker
 
         try:
-            tracker = Tracker(uri, self.pipeline.name, _artifact_root(self.store))
+            own = uri == default_tracking_uri(self.store)
+            tracker = Tracker(uri, self.pipeline.name, _artifact_root(self.store), own_database=own)
             self.record.mlflow_run_id = tracker.start(
                 self.run_id, self.pipeline.name, self.record.overrides, self.record.mlflow_run_id
             )

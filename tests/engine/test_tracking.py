@@ -4,7 +4,11 @@ stage is cached is tracked too, without MLflow or Ray in the command's process."
 from __future__ import annotations
 
 import json
+import sqlite3
+import subprocess
+import sys
 
+import sqlalchemy
 from cli_helpers import cli, cli_env, wait_for
 from mlflow import MlflowClient
 
@@ -56,6 +60,45 @@ def test_stages_are_tracked_as_nested_mlflow_runs(ray_local, tmp_path):
         "b": "true",
         "bad": "false",
     }
+
+
+def test_own_database_commits_without_fsync_a_named_one_keeps_its_modes(ray_local, tmp_path):
+    own, named = tmp_path / "store" / "mlflow.db", tmp_path / "named.db"
+    path = tmp_path / "p.yaml"
+    ids = {}
+    for db, tracking in ((own, ""), (named, f"tracking: sqlite:///{named}\n")):
+        path.write_text(
+            f"name: modes\nstorage: {tmp_path / 'store'}\n{tracking}stages:\n"
+            "  a: {uses: test.sleep, with: {value: 4}}\n"
+        )
+        record = engine.run_pipeline(spec.load(path), printer=lambda _line: None)
+        assert record.mlflow_run_id and record.tracking_error is None, record.tracking_error
+        ids[db] = record.mlflow_run_id
+
+    def journal(db):
+        with sqlite3.connect(db) as connection:
+            return connection.execute("PRAGMA journal_mode").fetchone()[0]
+
+    assert journal(own) == "wal" and journal(named) == "delete"
+    # A connection this process opens to raypipe's database commits without an fsync each
+    # (synchronous NORMAL = 1); one to the database a user named keeps SQLite's FULL (2).
+    for db, synchronous in ((own, 1), (named, 2)):
+        with sqlalchemy.create_engine(f"sqlite:///{db}").connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == synchronous
+
+    # MLflow's own command line, in a process of its own, reads both databases' runs.
+    for db, mlflow_id in ids.items():
+        uri = f"sqlite:///{db}"
+        experiment = MlflowClient(tracking_uri=uri).get_run(mlflow_id).info.experiment_id
+        listed = subprocess.run(
+            [sys.executable, "-m", "mlflow", "runs", "list", "--experiment-id", experiment],
+            env=cli_env(MLFLOW_TRACKING_URI=uri),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert mlflow_id in listed.stdout and "modes" in listed.stdout, listed.stdout
 
 
 #: Modules a fully cached run has no use for: each costs seconds to import.

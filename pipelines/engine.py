@@ -75,6 +75,10 @@ def _entry(stage: Stage) -> StageEntry:
     return StageEntry(uses=stage.uses, needs=list(stage.needs), config=config)
 
 
+#: libyaml's emitter where PyYAML was built with it: the same text, a fifth of the time.
+_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
 def _artifact_root(store: Store) -> str | None:
     """Where a new MLflow experiment keeps its files: beside the runs on local storage, else
     the tracking server's default."""
@@ -293,7 +297,7 @@ class Runner:
         if saved.get("tracking"):
             saved["tracking"] = redact(saved["tracking"])
         self.store.write_run_file(
-            self.run_id, PIPELINE_FILE, yaml.safe_dump(saved, sort_keys=False)
+            self.run_id, PIPELINE_FILE, yaml.dump(saved, Dumper=_YAML_DUMPER, sort_keys=False)
         )
         self.print(
             f"run {self.run_id} of pipeline {self.pipeline.name} (storage {self.store.shown_root})"

@@ -13,6 +13,7 @@ library: the figures are data, which keeps writing a report fast.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import importlib.util
 import json
@@ -43,7 +44,7 @@ _CACHED_COLORS = ("#e5e7eb", "#4b5563")
 def write_report(store: Store, run_id: str) -> str:
     """Writes ``runs/<run_id>/report.html``; returns its path (or URI)."""
     record = load_record(store, run_id)
-    store.write_run_file(run_id, REPORT_FILE, render(record, store))
+    store.write_run_file(run_id, REPORT_FILE, render_bytes(record, store))
     return f"{store.run_dir(run_id)}/{REPORT_FILE}"
 
 
@@ -60,6 +61,11 @@ def write_comparison(store: Store, first: str, second: str) -> str:
 
 def render(record: RunRecord, store: Store) -> str:
     """The report of one run record as an HTML page."""
+    return render_bytes(record, store).decode()
+
+
+def render_bytes(record: RunRecord, store: Store) -> bytes:
+    """The report of one run record as an HTML page, encoded (UTF-8) as it is written."""
     figures: dict[str, dict[str, Any]] = {}
     _recover_needs(record, store)
     order = stage_order(record)
@@ -103,18 +109,11 @@ def _recover_needs(record: RunRecord, store: Store) -> None:
     record.stages = {name: record.stages[name] for name in stages}
 
 
-def _page(title: str, body: str, figures: dict[str, dict[str, Any]]) -> str:
-    script = ""
-    if figures:
-        # "</" inside a script's JSON would end the script element early.
-        data = json.dumps(figures, allow_nan=False, default=str).replace("</", "<\\/")
-        script = (
-            f"<script>{_plotly_js()}</script>\n<script>\nconst FIGURES = {data};\n"
-            "for (const [id, fig] of Object.entries(FIGURES)) {\n"
-            "  Plotly.newPlot(id, fig.data, fig.layout,"
-            " {displaylogo: false, responsive: true});\n}\n</script>"
-        )
-    return f"""<!doctype html>
+def _page(title: str, body: str, figures: dict[str, dict[str, Any]]) -> bytes:
+    """The page, encoded. Plotly's bundle (5 MB, not all ASCII) goes in as the bytes read once
+    per process: copied into the page's text, it made a 10 MB string to encode on every report.
+    """
+    head = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }}
@@ -132,17 +131,29 @@ pre {{ background: #f6f6f6; padding: .5em; overflow-x: auto; font-size: .8em; }}
 </style></head><body>
 <h1>{_e(title)}</h1>
 {body}
-{script}
-</body></html>
 """
+    end = "</body></html>\n"
+    if not figures:
+        return (head + "\n" + end).encode()
+    # "</" inside a script's JSON would end the script element early.
+    data = json.dumps(figures, allow_nan=False, default=str).replace("</", "<\\/")
+    draw = (
+        f"</script>\n<script>\nconst FIGURES = {data};\n"
+        "for (const [id, fig] of Object.entries(FIGURES)) {\n"
+        "  Plotly.newPlot(id, fig.data, fig.layout,"
+        " {displaylogo: false, responsive: true});\n}\n</script>\n"
+    )
+    return b"".join(((head + "<script>").encode(), _plotly_js(), (draw + end).encode()))
 
 
-def _plotly_js() -> str:
-    """Plotly's browser bundle as the plotly package ships it (found without importing it)."""
+@functools.cache
+def _plotly_js() -> bytes:
+    """Plotly's browser bundle as the plotly package ships it (found without importing it),
+    UTF-8, read once per process."""
     found = importlib.util.find_spec("plotly")
     if found is None or found.origin is None:
         raise RuntimeError("the report needs the plotly package (pip install plotly)")
-    return (Path(found.origin).parent / "package_data" / "plotly.min.js").read_text()
+    return (Path(found.origin).parent / "package_data" / "plotly.min.js").read_bytes()
 
 
 def _summary(record: RunRecord, order: list[str]) -> str:
@@ -525,7 +536,7 @@ def _grid_table(columns: list[str], rows: dict[str, dict[str, Any]]) -> str:
     return f"<table>{head}{body}</table>"
 
 
-def render_comparison(first: RunRecord, second: RunRecord) -> str:
+def render_comparison(first: RunRecord, second: RunRecord) -> bytes:
     """Two runs side by side: each stage's config and metrics, differing values marked."""
     stages = stage_order(second) + [n for n in stage_order(first) if n not in second.stages]
     parts = [

@@ -113,8 +113,8 @@ def files_digest(files: dict[str, dict[str, Any]], volatile: bool = False) -> st
     )
 
 
-def atomic_write_text(path: Path, text: str, durable: bool = True) -> None:
-    """Writes a local file through a temporary name and a rename.
+def atomic_write_text(path: Path, text: str | bytes, durable: bool = True) -> None:
+    """Writes a local file (text as UTF-8, or bytes) through a temporary name and a rename.
 
     Args:
         durable: fsync before the rename, so the file survives a power cut, not only a crash.
@@ -123,8 +123,8 @@ def atomic_write_text(path: Path, text: str, durable: bool = True) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; records and manifests are for every reader
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(text if isinstance(text, bytes) else text.encode())
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
@@ -442,8 +442,9 @@ class Store:
     def run_dir(self, run_id: str) -> str:
         return self.join("runs", run_id)
 
-    def write_run_file(self, run_id: str, name: str, text: str) -> None:
-        """Writes a file of a run's directory (atomically on a local path)."""
+    def write_run_file(self, run_id: str, name: str, text: str | bytes) -> None:
+        """Writes a file of a run's directory (text as UTF-8, or bytes; atomically on a
+        local path)."""
         if self.is_local:
             # The record is not what makes a stage complete (its artifact is): no fsync.
             atomic_write_text(Path(self.run_dir(run_id)) / name, text, durable=False)
@@ -451,7 +452,7 @@ class Store:
         fs, base = self._fs()
         fs.create_dir(f"{base}/runs/{run_id}", recursive=True)
         with fs.open_output_stream(f"{base}/runs/{run_id}/{name}") as f:
-            f.write(text.encode())
+            f.write(text if isinstance(text, bytes) else text.encode())
 
     def read_run_file(
         self, run_id: str, name: str, limit: int = 32 << 20, binary: bool = False

@@ -22,7 +22,8 @@ import secrets
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,10 @@ def _entry(stage: Stage) -> StageEntry:
     config = redact_data(stage.config.model_dump(mode="json"))
     return StageEntry(uses=stage.uses, needs=list(stage.needs), config=config)
 
+
+#: Seconds a run that succeeded waits, at its end, for its tracking to catch up before the rest
+#: is left to a background logger (see Runner._hand_over_tracking; the CLI's runs only).
+TRACKING_WAIT_S = 2.0
 
 #: libyaml's emitter where PyYAML was built with it: the same text, a fifth of the time.
 _YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
@@ -187,10 +192,13 @@ class Runner:
         display: called with (stage, its record entry, message) on every stage event, in
             place of a printed line (a live table in a terminal).
         ray_logs: forward Ray workers' output to this process.
-        track_later: when no stage has to run (every one cached or kept), log the run to
-            MLflow from a background process once this one is done, instead of starting
-            MLflow here (seconds of imports, for a run that took a fraction of one): the
-            CLI's choice. Otherwise such a run is logged at its end, in this process.
+        track_later: the CLI's choice: MLflow is not waited for. When no stage has to run
+            (every one cached or kept), the run is logged to MLflow by a background process
+            once this one is done, instead of starting MLflow here (seconds of imports, for a
+            run that took a fraction of one). When a run that succeeded ends before its
+            tracking has caught up, it waits ``TRACKING_WAIT_S`` at most before what is left is
+            handed to that process too (see ``_hand_over_tracking``). Otherwise the run
+            waits for MLflow at its end.
     """
 
     def __init__(
@@ -247,6 +255,9 @@ class Runner:
         #: stages settled before it wait here to be logged.
         self._tracking_started = False
         self._tracking: ThreadPoolExecutor | None = None
+        #: Every call queued on the tracking thread: the stage it logs (None: the run's start
+        #: or end), and its future (cancelled: never made, see _hand_over_tracking).
+        self._queued: list[tuple[str | None, Future]] = []
         self._untracked: list[tuple[str, dict[str, Any] | None]] = []
         self.digests: dict[str, str] = {}
         self.keys: dict[str, str] = {}
@@ -285,7 +296,8 @@ class Runner:
         self.store.check_writable()
         with driver_lock(self.store, self.run_id):
             record = self._run_locked()
-        if self._logs_later():  # after the lock: the logger takes it in its turn
+        # After the lock: the logger takes it in its turn.
+        if self._logs_later() or record.tracked_later is not None:
             self._log_later()
         return record
 
@@ -327,8 +339,12 @@ class Runner:
         self.store.write_run_file(self.run_id, RUN_FILE, self.record.to_json())
         self._write_report()  # while the tracking thread catches up
         if self._tracking is not None:
-            self._stop_tracking()
-            # With what tracking made of it: the parent's MLflow id, or why tracking stopped.
+            if self.track_later and self.record.ok:
+                self._hand_over_tracking()
+            else:
+                self._stop_tracking()
+            # With what tracking made of it: the parent's MLflow id, or why tracking stopped,
+            # and what it left to the background logger.
             self.store.write_run_file(self.run_id, RUN_FILE, self.record.to_json())
         return self.record
 
@@ -339,7 +355,21 @@ class Runner:
             return
         self._tracking_started = True
         self._tracking = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raypipe-tracking")
-        self._tracking.submit(self._start_tracking)
+        self._queued.append((None, self._tracking.submit(self._start_tracking)))
+        # A resumed run whose earlier driver handed stages to a background logger that never
+        # logged them (it died, or this driver had the lock first): they are logged here.
+        left, self.record.tracked_later = self.record.tracked_later or [], None
+        queued = {name for name, _ in self._untracked}
+        for name in left:
+            entry = self.record.stages.get(name)
+            if (
+                entry
+                and entry.status == Status.SUCCEEDED
+                and entry.cache_key
+                and name not in queued
+            ):
+                manifest = self.store.read_manifest(entry.uses, entry.cache_key)
+                self._untracked.append((name, manifest))
         for name, manifest in self._untracked:
             self._track_stage(name, manifest)
         self._untracked.clear()
@@ -349,6 +379,23 @@ class Runner:
         begun: the driver is stopping on an error)."""
         if self._tracking is not None:
             self._tracking.shutdown(wait=wait, cancel_futures=not wait)
+
+    def _hand_over_tracking(self) -> None:
+        """Waits for tracking to catch up, up to ``TRACKING_WAIT_S`` once the run's MLflow
+        parent is open; then the call being made is finished, and the calls not begun are
+        cancelled and left to the background logger that ``run`` starts once the driver's
+        lock is released (``record.tracked_later``: their stages, then the run's end). A
+        backlog shorter than that wait costs less here than a second MLflow start (seconds of
+        imports) in another process; a longer one (a slow tracking server) does not hold up
+        the run's result. Only for a run that succeeded: a failed one may be resumed at once,
+        and the logger holds the run's lock."""
+        (_, opened), rest = self._queued[0], self._queued[1:]
+        opened.result()  # MLflow's start is paid here in any case (errors are recorded)
+        futures.wait([call for _, call in rest], timeout=TRACKING_WAIT_S)
+        left = [stage for stage, call in rest if call.cancel()]
+        self._tracking.shutdown(wait=True)
+        if left and self.tracker is not None:  # else off: tracking_error says why
+            self.record.tracked_later = [stage for stage in left if stage is not None]
 
     def _logs_later(self) -> bool:
         """Whether this run is logged to MLflow by a background process once it is done: no
@@ -361,7 +408,8 @@ class Runner:
         )
 
     def _log_later(self) -> None:
-        """Hands a run in which no stage ran to a background process that logs it to MLflow
+        """Hands a run in which no stage ran, or what tracking left of one
+        (``record.tracked_later``), to a background process that logs it to MLflow
         (``pipelines.tracking.log_later``); says where its log is."""
         from pipelines.tracking import log_later
 
@@ -373,7 +421,14 @@ class Runner:
             self._tracking_off(f"the background logger did not start: {e}")
             self.store.write_run_file(self.run_id, RUN_FILE, self.record.to_json())
             return
-        self.print(f"tracking: logged to MLflow in the background ({where})")
+        behind = self.record.tracked_later
+        if behind is None:
+            self.print(f"tracking: logged to MLflow in the background ({where})")
+        else:
+            self.print(
+                f"tracking: MLflow catches up in the background ({len(behind)} stages and the "
+                f"run's end; {where})"
+            )
 
     def _start_tracking(self) -> None:
         """Opens the MLflow parent run (on the tracking thread); a failure is recorded, not
@@ -399,12 +454,12 @@ class Runner:
             return
         self.tracker = tracker
 
-    def _tracked(self, call: Callable[[Any], Any]) -> None:
+    def _tracked(self, call: Callable[[Any], Any], stage: str | None = None) -> None:
         """Queues one tracking call. Calls run in order on one thread of their own, so a stage
         that finished does not hold up the next one while MLflow records it (each call is a
         database transaction or a request); the first failure turns tracking off."""
         if self._tracking is not None:
-            self._tracking.submit(self._call_tracker, call)
+            self._queued.append((stage, self._tracking.submit(self._call_tracker, call)))
 
     def _call_tracker(self, call: Callable[[Any], Any]) -> None:
         if self.tracker is None:
@@ -425,7 +480,7 @@ class Runner:
             self._untracked.append((name, manifest))
             return
         entry = copy.deepcopy(self.record.stages[name])  # as it is now, for the other thread
-        self._tracked(lambda t: t.stage(name, entry, manifest))
+        self._tracked(lambda t: t.stage(name, entry, manifest), name)
 
     def _write_report(self) -> None:
         """The HTML report; a failure to draw it is shown, never fails the run."""

@@ -184,6 +184,10 @@ class RunRecord:
     error: str | None = None
     mlflow_run_id: str | None = None
     tracking_error: str | None = None
+    #: None while MLflow has (or gets from this run's driver) all of the run. A list when the
+    #: driver finished before its tracking did: a background process logs these stages and the
+    #: run's end (``pipelines.tracking.log_later``), then sets it back to None.
+    tracked_later: list[str] | None = None
     stages: dict[str, StageEntry] = field(default_factory=dict)
 
     def to_json(self) -> str:

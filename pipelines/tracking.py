@@ -12,7 +12,8 @@ redacted: a URI in a config never shows its credentials in MLflow.
 A run in which no stage ran (every one cached) does not wait for MLflow, whose imports alone
 take seconds: the CLI hands it to ``python -m pipelines.tracking`` (:func:`log_later`), a
 detached process that logs it from its saved record a few seconds later and writes its MLflow
-id into ``run.json``.
+id into ``run.json``. So does a run that succeeded before its driver's tracking caught up:
+the stages not yet logged (``tracked_later`` in its record) and its end.
 
 raypipe's own database (the default: SQLite under a local storage root) is write-ahead logged
 and commits without an fsync each (:func:`commit_without_fsync`): a stage costs MLflow three
@@ -326,24 +327,28 @@ def log_later(store: Store, run_id: str, uri: str, artifact_root: str | None) ->
 
 
 def log_saved_run(store: Store, run_id: str, uri: str, artifact_root: str | None) -> None:
-    """Logs a finished run, read back from its record, as a parent MLflow run with one nested
-    run per stage (as the driver would have), then saves its MLflow id (or why tracking
-    failed) in the record. It holds the run's driver lock meanwhile; a run that is driven again
-    (resumed) by then is left to that driver, which tracks it itself."""
+    """Logs a finished run, read back from its record, to MLflow as its driver would have: a
+    run in which no stage ran as a parent MLflow run with one nested run per stage; a run
+    whose driver's tracking fell behind, the stages it left (``tracked_later``) under its
+    parent, which is then ended. Then saves what it did (the parent's MLflow id, or why
+    tracking failed) in the record. It holds the run's driver lock meanwhile; a run that is
+    driven again (resumed) by then is left to that driver, which tracks it itself."""
     from pipelines.store import RunLocked, driver_lock
 
     try:
         with driver_lock(store, run_id):
             record = load_record(store, run_id)
-            if record.mlflow_run_id is not None:
+            behind = record.tracked_later
+            if record.mlflow_run_id is not None and behind is None:
                 return  # logged already (handed over twice, or resumed and tracked since)
             try:
                 own = uri == default_tracking_uri(store)
                 tracker = Tracker(uri, record.pipeline, artifact_root, own_database=own)
                 record.mlflow_run_id = tracker.start(
-                    run_id, record.pipeline, record.overrides, None
+                    run_id, record.pipeline, record.overrides, record.mlflow_run_id
                 )
-                for name, entry in record.stages.items():
+                for name in list(record.stages) if behind is None else behind:
+                    entry = record.stages[name]
                     manifest = (
                         store.read_manifest(entry.uses, entry.cache_key)
                         if entry.status == Status.SUCCEEDED and entry.cache_key
@@ -353,6 +358,7 @@ def log_saved_run(store: Store, run_id: str, uri: str, artifact_root: str | None
                 tracker.finish(record.status)
             except Exception as e:  # noqa: BLE001 - kept in the record, as a driver would
                 record.tracking_error = one_line(f"{type(e).__name__}: {e}")
+            record.tracked_later = None
             store.write_run_file(run_id, RUN_FILE, record.to_json())
     except RunLocked:
         return

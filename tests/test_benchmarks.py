@@ -40,6 +40,15 @@ def test_the_engine_benchmark_runs_the_chain_through_the_engine_and_as_plain_tas
     assert 0 < overhead["engine_last_stage_done_s"]["median"] <= engine_s
 
 
+def test_the_tracking_benchmark_logs_into_both_databases_in_their_own_modes():
+    out = results("benchmarks/engine.py", "--only", "tracking", "--stages", "2", "--rounds", "1")
+    tracking = out["tracking"]
+    assert tracking["stages"] == 2 and tracking["rounds"] == 1
+    assert tracking["journal_mode"] == {"own": "wal", "named": "delete"}
+    assert tracking["own_database_ms_per_stage"]["median"] > 0
+    assert tracking["named_database_ms_per_stage"]["median"] > 0
+
+
 def test_the_data_benchmark_writes_the_same_rows_both_ways():
     out = results("benchmarks/data.py", "--rows", "2000", "--large-rows", "0", "--repeats", "1")
     main = out["main"]

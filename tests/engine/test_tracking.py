@@ -7,12 +7,14 @@ import json
 import sqlite3
 import subprocess
 import sys
+import time
 
 import sqlalchemy
 from cli_helpers import cli, cli_env, wait_for
 from mlflow import MlflowClient
 
 from pipelines import engine, spec
+from pipelines.tracking import Tracker
 
 
 def test_stages_are_tracked_as_nested_mlflow_runs(ray_local, tmp_path):
@@ -101,6 +103,112 @@ def test_own_database_commits_without_fsync_a_named_one_keeps_its_modes(ray_loca
         assert mlflow_id in listed.stdout and "modes" in listed.stdout, listed.stdout
 
 
+def far_away(monkeypatch):
+    """The driver's tracking (in this process) as if MLflow were a server 3 s away for each
+    stage: longer than a run waits for it (``engine.TRACKING_WAIT_S``). Returns the real
+    ``Tracker.stage``."""
+    logged = Tracker.stage
+    assert engine.TRACKING_WAIT_S < 3.0
+
+    def slow(self, name, entry, manifest):
+        time.sleep(3.0)
+        return logged(self, name, entry, manifest)
+
+    monkeypatch.setattr(Tracker, "stage", slow)
+    return logged
+
+
+def test_a_run_that_outpaces_its_tracking_leaves_the_rest_to_a_background_logger(
+    ray_local, tmp_path, monkeypatch
+):
+    store = tmp_path / "store"
+    path = tmp_path / "p.yaml"
+    chain = (
+        f"name: behind\nstorage: {store}\nstages:\n"
+        "  a: {{uses: test.sleep, with: {{value: {0}}}}}\n"
+        "  b: {{uses: test.sleep, needs: [a], with: {{value: 2}}}}\n"
+        "  c: {{uses: test.sleep, needs: [b], with: {{value: 3}}}}\n"
+    )
+    # Tracking that keeps up within the wait: MLflow has the whole run when it returns.
+    path.write_text(chain.format(0))
+    kept_up = engine.Runner(spec.load(path), printer=lambda _line: None, track_later=True).run()
+    assert kept_up.ok and kept_up.tracked_later is None and kept_up.tracking_error is None
+    client = MlflowClient(tracking_uri=kept_up.tracking)
+    finished = client.get_run(kept_up.mlflow_run_id)
+    assert finished.info.status == "FINISHED"
+
+    far_away(monkeypatch)
+    path.write_text(chain.format(1))
+    lines: list[str] = []
+    record = engine.Runner(spec.load(path), printer=lines.append, track_later=True).run()
+    assert record.ok and record.mlflow_run_id, lines
+    # The run did not wait for the stages' nested runs: the last ones are left behind.
+    assert record.tracked_later and set(record.tracked_later) <= {"a", "b", "c"}, lines
+    assert "c" in record.tracked_later
+    assert any("MLflow catches up in the background" in line for line in lines), lines
+
+    # The background logger (its own process, MLflow as it is) logs them and ends the run.
+    saved = store / "runs" / record.run_id / "run.json"
+    wait_for(
+        lambda: json.loads(saved.read_text())["tracked_later"] is None, 120, "MLflow catching up"
+    )
+    final = json.loads(saved.read_text())
+    assert final["tracking_error"] is None and final["mlflow_run_id"] == record.mlflow_run_id
+    parent = client.get_run(record.mlflow_run_id)
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{record.mlflow_run_id}'",
+    )
+    # Every stage once: none lost between the driver and the logger, none logged twice.
+    assert sorted(r.data.tags["raypipe.stage"] for r in children) == ["a", "b", "c"]
+    by_stage = {r.data.tags["raypipe.stage"]: r.data for r in children}
+    assert by_stage["c"].params["value"] == "3.0" and "value" in by_stage["c"].metrics
+
+    # A run that failed waits for its tracking: it may be resumed at once.
+    path.write_text(
+        f"name: behind\nstorage: {store}\nstages:\n"
+        "  a: {uses: test.sleep, with: {value: 7}}\n"
+        "  bad: {uses: test.fail, needs: [a], with: {message: failed on purpose}}\n"
+    )
+    failed = engine.Runner(spec.load(path), printer=lines.append, track_later=True).run()
+    assert not failed.ok and failed.tracked_later is None
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{failed.mlflow_run_id}'",
+    )
+    assert sorted(r.data.tags["raypipe.stage"] for r in children) == ["a", "bad"]
+    assert client.get_run(failed.mlflow_run_id).info.status == "FAILED"
+
+
+def test_a_resumed_run_logs_what_a_dead_background_logger_left(ray_local, tmp_path, monkeypatch):
+    logged = far_away(monkeypatch)
+    # The background logger dies before it logs anything.
+    monkeypatch.setattr("pipelines.tracking.log_later", lambda *_args: "it died")
+    store = tmp_path / "store"
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        f"name: left\nstorage: {store}\nstages:\n"
+        "  a: {uses: test.sleep, with: {value: 1}}\n"
+        "  b: {uses: test.sleep, needs: [a], with: {value: 2}}\n"
+    )
+    record = engine.Runner(spec.load(path), printer=lambda _line: None, track_later=True).run()
+    assert record.ok and record.tracked_later, record.tracked_later
+
+    monkeypatch.setattr(Tracker, "stage", logged)
+    again = engine.resume_run(str(store), record.run_id, printer=lambda _line: None)
+    assert again.ok and again.tracked_later is None and again.tracking_error is None
+    assert again.mlflow_run_id == record.mlflow_run_id
+    client = MlflowClient(tracking_uri=record.tracking)
+    parent = client.get_run(record.mlflow_run_id)
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{record.mlflow_run_id}'",
+    )
+    assert sorted(r.data.tags["raypipe.stage"] for r in children) == ["a", "b"]
+
+
 #: Modules a fully cached run has no use for: each costs seconds to import.
 HEAVY = ("mlflow", "ray", "pyarrow", "torch", "pandas", "matplotlib")
 
@@ -156,3 +264,7 @@ def test_cached_rerun_starts_no_mlflow_nor_ray_yet_is_tracked_and_verified(ray_l
     assert any("a: cached artifact is broken" in line for line in lines), lines
     assert json.loads((out / "out.json").read_text())["value"] == 2.0
     assert again.mlflow_run_id  # a stage ran: tracked by the driver itself
+    # (What it had not logged by the run's end, if anything, reaches MLflow from the
+    # background: that process is done before the test is.)
+    again_saved = tmp_path / "store" / "runs" / again.run_id / "run.json"
+    wait_for(lambda: json.loads(again_saved.read_text())["tracked_later"] is None, 120, "MLflow")

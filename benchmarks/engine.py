@@ -1,7 +1,7 @@
 """Engine overhead and cached-rerun figures, as JSON.
 
     .venv/bin/python benchmarks/engine.py [--only overhead|rerun|tracking] [--stages 20]
-        [--rounds 5]
+        [--rounds 5] [--untracked | --tracking-wait S]
 
 1. overhead: a chain of N trivial stages run by the engine (MLflow tracking and the report on,
    as the CLI runs it: what tracking has not logged by the run's end is left to a background
@@ -9,6 +9,8 @@
    same process (same Ray instance), the two sides interleaved in rounds: min/median/max of
    the ratio and of the per-stage overhead in ms, of when the engine's last stage was done
    (before the report is drawn), and of when MLflow had the whole run. Goal: ratio at most 1.5.
+   ``--untracked`` runs the chain with no MLflow (the engine's own cost); ``--tracking-wait``
+   sets how long a run waits for its tracking before leaving the rest to the background.
 2. rerun: `raypipe run pipelines/demo.yaml` (shrunk by the cluster tests' overrides) once,
    then again with every stage cached, each time in a fresh process as a user runs it:
    min/median/max wall time over rounds (goal: under 2 s), beside `raypipe validate` of the
@@ -78,9 +80,13 @@ def chain_yaml(n: int, storage: Path, first_value: int = 0) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bench_overhead(n: int, rounds: int) -> dict:
-    """The chain of ``n`` stages by the engine and as plain Ray tasks, interleaved in rounds."""
+def bench_overhead(n: int, rounds: int, untracked: bool = False) -> dict:
+    """The chain of ``n`` stages by the engine and as plain Ray tasks, interleaved in rounds;
+    ``untracked``: with no MLflow at all (the engine's own cost)."""
     import ray
+
+    if untracked:  # the default database is the only one the chain would use
+        engine.default_tracking_uri = lambda _store: None
 
     ray.init(address="local", include_dashboard=False, logging_level="ERROR")
     remote_plain = ray.remote(num_cpus=0, max_retries=0)(plain_stage)
@@ -110,7 +116,8 @@ def bench_overhead(n: int, rounds: int) -> dict:
             assert time.perf_counter() - t1 < 300, f"run {record.run_id} never caught up"
             time.sleep(0.01)
         in_mlflow_s.append(time.perf_counter() - t0)
-        assert final["mlflow_run_id"] and final["tracking_error"] is None, final["tracking_error"]
+        assert untracked or final["mlflow_run_id"], final
+        assert final["tracking_error"] is None, final["tracking_error"]
         _wait_for_loggers_to_exit()
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
@@ -125,6 +132,7 @@ def bench_overhead(n: int, rounds: int) -> dict:
     return {
         "stages": n,
         "rounds": rounds,
+        "tracking": None if untracked else {"wait_s": engine.TRACKING_WAIT_S},
         "engine_s": spread(engine_s),
         "plain_ray_tasks_s": spread(plain_s),
         "ratio": spread([e / p for e, p in zip(engine_s, plain_s, strict=True)]),
@@ -286,10 +294,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--storage", help="rerun: keep the demo's store here (default: temp)")
     parser.add_argument("--against", help="rerun: another checkout to compare, same rounds")
+    parser.add_argument(
+        "--tracking-wait",
+        type=float,
+        help="overhead: seconds a run waits for its tracking before leaving the rest to the "
+        f"background logger (default {engine.TRACKING_WAIT_S:g})",
+    )
+    parser.add_argument(
+        "--untracked", action="store_true", help="overhead: no MLflow (the engine's own cost)"
+    )
     args = parser.parse_args()
+    if args.tracking_wait is not None:
+        engine.TRACKING_WAIT_S = args.tracking_wait
     result = {}
     if args.only in (None, "overhead"):
-        result["overhead"] = bench_overhead(args.stages, args.rounds)
+        result["overhead"] = bench_overhead(args.stages, args.rounds, args.untracked)
     if args.only in (None, "rerun"):
         result["cached_rerun"] = bench_cached_rerun(args.rounds, args.storage, args.against)
     if args.only in (None, "tracking"):

@@ -295,11 +295,25 @@ class Runner:
         """
         self.store.check_writable()
         with driver_lock(self.store, self.run_id):
+            if self.record.resumed:
+                self._take_saved_tracking()
             record = self._run_locked()
         # After the lock: the logger takes it in its turn.
         if self._logs_later() or record.tracked_later is not None:
             self._log_later()
         return record
+
+    def _take_saved_tracking(self) -> None:
+        """A resumed run's record was read before this driver held the run's lock; a
+        background logger that held it meanwhile may have logged the run since (its MLflow
+        id, what it left, why it failed): what it saved is taken, so nothing is logged twice."""
+        try:
+            saved = load_record(self.store, self.run_id)
+        except RecordError:
+            return  # unreadable now: the record read before stands (and is written over)
+        self.record.mlflow_run_id = saved.mlflow_run_id
+        self.record.tracking_error = saved.tracking_error
+        self.record.tracked_later = saved.tracked_later
 
     def _run_locked(self) -> RunRecord:
         saved = self.pipeline.to_dict()

@@ -14,7 +14,7 @@ from cli_helpers import cli, cli_env, wait_for
 from mlflow import MlflowClient
 
 from pipelines import engine, spec
-from pipelines.tracking import Tracker
+from pipelines.tracking import Tracker, log_saved_run
 
 
 def test_stages_are_tracked_as_nested_mlflow_runs(ray_local, tmp_path):
@@ -200,13 +200,37 @@ def test_a_resumed_run_logs_what_a_dead_background_logger_left(ray_local, tmp_pa
     assert again.ok and again.tracked_later is None and again.tracking_error is None
     assert again.mlflow_run_id == record.mlflow_run_id
     client = MlflowClient(tracking_uri=record.tracking)
-    parent = client.get_run(record.mlflow_run_id)
-    assert parent.info.status == "FINISHED"
-    children = client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{record.mlflow_run_id}'",
-    )
-    assert sorted(r.data.tags["raypipe.stage"] for r in children) == ["a", "b"]
+
+    def logged_stages(mlflow_id):
+        parent = client.get_run(mlflow_id)
+        assert parent.info.status == "FINISHED"
+        children = client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{mlflow_id}'",
+        )
+        return sorted(r.data.tags["raypipe.stage"] for r in children)
+
+    assert logged_stages(record.mlflow_run_id) == ["a", "b"]
+
+    # The logger is alive this time, but has the run's lock only after `resume` has read the
+    # record: the resumed driver takes what the logger saved and logs nothing twice.
+    path.write_text(path.read_text().replace("value: 2", "value: 3"))
+    far_away(monkeypatch)
+    late = engine.Runner(spec.load(path), printer=lambda _line: None, track_later=True).run()
+    assert late.ok and late.tracked_later, late.tracked_later
+    monkeypatch.setattr(Tracker, "stage", logged)
+    read_before_the_logger = engine.load_record
+
+    def read_then_the_logger_runs(store_, run_id):
+        record_ = read_before_the_logger(store_, run_id)
+        monkeypatch.setattr(engine, "load_record", read_before_the_logger)
+        log_saved_run(store_, run_id, late.tracking, str(store / "mlflow-artifacts"))
+        return record_
+
+    monkeypatch.setattr(engine, "load_record", read_then_the_logger_runs)
+    resumed = engine.resume_run(str(store), late.run_id, printer=lambda _line: None)
+    assert resumed.ok and resumed.tracked_later is None and resumed.tracking_error is None
+    assert logged_stages(late.mlflow_run_id) == ["a", "b"]
 
 
 #: Modules a fully cached run has no use for: each costs seconds to import.

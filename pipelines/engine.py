@@ -55,7 +55,7 @@ from pipelines.record import (
 from pipelines.spec import Pipeline, Stage
 from pipelines.stage_task import StageJob, remote_stage_task
 from pipelines.store import ArtifactInvalid, RunLocked, Store, digest_of, driver_lock
-from pipelines.tracking import default_tracking_uri
+from pipelines.tracking import default_tracking_uri, saved_manifest
 
 __all__ = ["PIPELINE_FILE", "RUN_FILE", "RunLocked", "RunRecord", "Runner", "load_record"]
 
@@ -374,16 +374,10 @@ class Runner:
         # logged them (it died, or this driver had the lock first): they are logged here.
         left, self.record.tracked_later = self.record.tracked_later or [], None
         queued = {name for name, _ in self._untracked}
-        for name in left:
+        for name in left:  # those not succeeded (now) run again, and are tracked then
             entry = self.record.stages.get(name)
-            if (
-                entry
-                and entry.status == Status.SUCCEEDED
-                and entry.cache_key
-                and name not in queued
-            ):
-                manifest = self.store.read_manifest(entry.uses, entry.cache_key)
-                self._untracked.append((name, manifest))
+            if entry and entry.status == Status.SUCCEEDED and name not in queued:
+                self._untracked.append((name, saved_manifest(self.store, entry)))
         for name, manifest in self._untracked:
             self._track_stage(name, manifest)
         self._untracked.clear()

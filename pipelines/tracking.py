@@ -326,6 +326,14 @@ def log_later(store: Store, run_id: str, uri: str, artifact_root: str | None) ->
     return f"its log: {store.shown('runs', run_id, 'tracking.log')}" if log else "no log kept"
 
 
+def saved_manifest(store: Store, entry: StageEntry) -> dict[str, Any] | None:
+    """The manifest a settled stage is logged with, read back from the store: a stage that
+    succeeded has its artifact's; one that failed or was skipped has none."""
+    if entry.status == Status.SUCCEEDED and entry.cache_key:
+        return store.read_manifest(entry.uses, entry.cache_key)
+    return None
+
+
 def log_saved_run(store: Store, run_id: str, uri: str, artifact_root: str | None) -> None:
     """Logs a finished run, read back from its record, to MLflow as its driver would have: a
     run in which no stage ran as a parent MLflow run with one nested run per stage; a run
@@ -349,12 +357,7 @@ def log_saved_run(store: Store, run_id: str, uri: str, artifact_root: str | None
                 )
                 for name in list(record.stages) if behind is None else behind:
                     entry = record.stages[name]
-                    manifest = (
-                        store.read_manifest(entry.uses, entry.cache_key)
-                        if entry.status == Status.SUCCEEDED and entry.cache_key
-                        else None
-                    )
-                    tracker.stage(name, entry, manifest)
+                    tracker.stage(name, entry, saved_manifest(store, entry))
                 tracker.finish(record.status)
             except Exception as e:  # noqa: BLE001 - kept in the record, as a driver would
                 record.tracking_error = one_line(f"{type(e).__name__}: {e}")

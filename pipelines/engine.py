@@ -449,11 +449,13 @@ class Runner:
                     "give them in the environment (MLFLOW_TRACKING_USERNAME, ..._PASSWORD)"
                 )
             return
-        from pipelines.tracking import Tracker
+        from pipelines.tracking import open_tracker
 
         try:
             own = uri == default_tracking_uri(self.store)
-            tracker = Tracker(uri, self.pipeline.name, _artifact_root(self.store), own_database=own)
+            tracker = open_tracker(
+                uri, self.pipeline.name, _artifact_root(self.store), own_database=own
+            )
             self.record.mlflow_run_id = tracker.start(
                 self.run_id, self.pipeline.name, self.record.overrides, self.record.mlflow_run_id
             )

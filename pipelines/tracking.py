@@ -31,6 +31,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -39,6 +40,7 @@ from pipelines.guards import one_line, redact, redact_uri
 from pipelines.record import RUN_FILE, StageEntry, Status, load_record
 
 if TYPE_CHECKING:
+    from pipelines.mlflow_sqlite import SqliteTracker
     from pipelines.store import Store
 
 MAX_PARAM_CHARS = 6000
@@ -88,13 +90,34 @@ def _on_connect(connection: Any, _record: Any) -> None:
     cursor = connection.cursor()
     try:
         files = {row[1]: row[2] for row in cursor.execute("PRAGMA database_list")}
-        if files.get("main") and os.path.realpath(files["main"]) in _OWN_DATABASES:
-            cursor.execute("PRAGMA journal_mode=WAL")  # kept in the file: once is enough
-            cursor.execute("PRAGMA synchronous=NORMAL")  # per connection
-    except sqlite3.OperationalError:
-        pass  # busy: this connection commits as SQLite's defaults do, which is only slower
     finally:
         cursor.close()
+    if files.get("main") and os.path.realpath(files["main"]) in _OWN_DATABASES:
+        write_ahead(connection)
+
+
+def write_ahead(connection: sqlite3.Connection) -> None:
+    """Sets up one connection to raypipe's own database (see :func:`commit_without_fsync`)."""
+    try:
+        connection.execute("PRAGMA journal_mode=WAL")  # kept in the file: once is enough
+        connection.execute("PRAGMA synchronous=NORMAL")  # per connection
+    except sqlite3.OperationalError:
+        pass  # busy: this connection commits as SQLite's defaults do, which is only slower
+
+
+def open_tracker(
+    uri: str, experiment: str, artifact_root: str | None, own_database: bool = False
+) -> Tracker | SqliteTracker:
+    """The tracker of a run logged to ``uri``: raypipe's own database, once MLflow has made it
+    and the experiment, is written directly (:mod:`pipelines.mlflow_sqlite`: no MLflow import,
+    a fraction of a millisecond a stage); anything else through MLflow's client."""
+    if own_database and uri.startswith("sqlite:///"):
+        from pipelines.mlflow_sqlite import SqliteTracker
+
+        direct = SqliteTracker.open(uri.removeprefix("sqlite:///"), experiment)
+        if direct is not None:
+            return direct
+    return Tracker(uri, experiment, artifact_root, own_database=own_database)
 
 
 class TrackingUnavailable(RuntimeError):
@@ -181,79 +204,125 @@ class Tracker:
             self.parent_id = parent_id
             self.client.update_run(parent_id, status="RUNNING")
             return parent_id
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=f"{pipeline} {run_id}",
-            tags={"raypipe.run_id": run_id, "raypipe.pipeline": pipeline},
-        )
+        name, tags, params = parent_data(run_id, pipeline, overrides)
+        *made, (kind, value) = tags
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=dict(made))
         self.parent_id = run.info.run_id
-        params = [Param("overrides", _shown(" ".join(overrides)))] if overrides else []
-        self.client.log_batch(self.parent_id, params=params, tags=[RunTag("raypipe.kind", "run")])
+        self.client.log_batch(
+            self.parent_id,
+            params=[Param(k, v) for k, v in params],
+            tags=[RunTag(kind, value)],
+        )
         return self.parent_id
 
     def stage(self, name: str, entry: StageEntry, manifest: dict[str, Any] | None) -> str:
         """Logs one finished stage as a nested run; returns its MLflow id."""
         from mlflow.entities import Metric, Param, RunTag
 
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=name,
-            tags={
-                "mlflow.parentRunId": self.parent_id or "",
-                "raypipe.stage": name,
-                "raypipe.component": entry.uses,
-                "raypipe.cache_hit": str(entry.cache_hit).lower(),
-                "raypipe.status": str(entry.status),
-            },
-        )
+        data = stage_data(name, entry, manifest, self.parent_id)
+        made = dict(data.tags[:STAGE_RUN_TAGS])
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=made)
         child = run.info.run_id
-        params, tags, metrics = [], [], []
-        if manifest is not None:
-            flat = _flatten(manifest.get("config", {}))
-            flat.update(_flatten(manifest.get("resources") or {}, "resources."))
-            params = [Param(k, _shown(v)) for k, v in sorted(flat.items())]
-            tags = [
-                RunTag("raypipe.artifact", _shown(manifest.get("path", ""))),
-                RunTag("raypipe.cache_key", str(manifest.get("cache_key", ""))),
-                RunTag("raypipe.component_version", str(manifest.get("version", ""))),
-            ]
-        now = int(time.time() * 1000)
-        for key, value in entry.metrics.items():
-            if _number(value):
-                metrics.append(Metric(key, float(value), now, 0))
-        artifact_dir = Path(entry.artifact) if entry.artifact else None
-        if artifact_dir is not None and (artifact_dir / "history.jsonl").is_file():
-            metrics += _history_metrics(artifact_dir / "history.jsonl")
-        if entry.error:
-            tags.append(RunTag("raypipe.error", _shown(entry.error, 5000)))
+        params = [Param(k, v) for k, v in data.params]
+        metrics = [Metric(*point) for point in data.metrics]
+        tags = [RunTag(k, v) for k, v in data.tags[STAGE_RUN_TAGS:]]
         # One log_batch a chunk: at most 100 params, 1000 metrics and 100 tags a call (each
         # call is a SQLite transaction, the most of what logging a stage costs).
         chunks = [_chunks(params, 100), _chunks(metrics, 1000), _chunks(tags, 100)]
         for i in range(max(len(c) for c in chunks)):
             p, m, t = (c[i] if i < len(c) else [] for c in chunks)
             self.client.log_batch(child, params=p, metrics=m, tags=t)
-        # A cached stage's files were logged by the run that computed them (tag
-        # raypipe.artifact points at them): copying them again on every rerun is waste.
-        if artifact_dir is not None and artifact_dir.is_dir() and not entry.cache_hit:
+        if data.files:
             from mlflow.store.artifact.artifact_repository_registry import (
                 get_artifact_repository,
             )
 
             # Opened from the run just made: the client would ask the database for the run.
             repo = get_artifact_repository(run.info.artifact_uri, self.client.tracking_uri)
-            for path in sorted(artifact_dir.rglob("*")):
-                small = path.is_file() and path.stat().st_size <= ARTIFACT_MAX_BYTES
-                if small and path.suffix in ARTIFACT_SUFFIXES:
-                    rel = path.parent.relative_to(artifact_dir).as_posix()
-                    repo.log_artifact(str(path), None if rel == "." else rel)
-        status = {Status.SUCCEEDED: "FINISHED", Status.FAILED: "FAILED"}.get(entry.status, "KILLED")
-        self.client.set_terminated(child, status=status)
+            for path, rel in data.files:
+                repo.log_artifact(str(path), rel)
+        self.client.set_terminated(child, status=data.status)
         return child
 
     def finish(self, status: str) -> None:
         if self.parent_id is not None:
             state = "FINISHED" if status == Status.SUCCEEDED else "FAILED"
             self.client.set_terminated(self.parent_id, status=state)
+
+
+def parent_data(
+    run_id: str, pipeline: str, overrides: list[str]
+) -> tuple[str, list[tuple[str, str]], list[tuple[str, str]]]:
+    """A pipeline run's MLflow run: its name, tags (``raypipe.kind`` last: logged once the run
+    is made) and params."""
+    tags = [("raypipe.run_id", run_id), ("raypipe.pipeline", pipeline), ("raypipe.kind", "run")]
+    params = [("overrides", _shown(" ".join(overrides)))] if overrides else []
+    return f"{pipeline} {run_id}", tags, params
+
+
+#: How many of :class:`StageData`'s tags a stage's run is made with (the rest are logged after).
+STAGE_RUN_TAGS = 5
+
+
+@dataclass
+class StageData:
+    """What a stage's nested MLflow run holds, whichever way it is written.
+
+    Attributes:
+        tags: (key, value), the first ``STAGE_RUN_TAGS`` those the run is made with.
+        params: (key, value), redacted and cut to MLflow's limit.
+        metrics: (key, value, timestamp in ms, step): the final ones, then the history's.
+        files: (file, folder under the run's artifacts or None) to copy.
+        status: the run's MLflow status.
+    """
+
+    tags: list[tuple[str, str]]
+    params: list[tuple[str, str]]
+    metrics: list[tuple[str, float, int, int]]
+    files: list[tuple[Path, str | None]]
+    status: str
+
+
+def stage_data(
+    name: str, entry: StageEntry, manifest: dict[str, Any] | None, parent_id: str | None
+) -> StageData:
+    """A settled stage as its nested MLflow run: its config as params, its metrics (final,
+    and per step from ``history.jsonl``), its small plots and JSON files as artifacts."""
+    tags = [
+        ("mlflow.parentRunId", parent_id or ""),
+        ("raypipe.stage", name),
+        ("raypipe.component", entry.uses),
+        ("raypipe.cache_hit", str(entry.cache_hit).lower()),
+        ("raypipe.status", str(entry.status)),
+    ]
+    params = []
+    if manifest is not None:
+        flat = _flatten(manifest.get("config", {}))
+        flat.update(_flatten(manifest.get("resources") or {}, "resources."))
+        params = [(k, _shown(v)) for k, v in sorted(flat.items())]
+        tags += [
+            ("raypipe.artifact", _shown(manifest.get("path", ""))),
+            ("raypipe.cache_key", str(manifest.get("cache_key", ""))),
+            ("raypipe.component_version", str(manifest.get("version", ""))),
+        ]
+    now = int(time.time() * 1000)
+    metrics = [(k, float(v), now, 0) for k, v in entry.metrics.items() if _number(v)]
+    artifact_dir = Path(entry.artifact) if entry.artifact else None
+    if artifact_dir is not None and (artifact_dir / "history.jsonl").is_file():
+        metrics += _history_metrics(artifact_dir / "history.jsonl")
+    if entry.error:
+        tags.append(("raypipe.error", _shown(entry.error, 5000)))
+    files = []
+    # A cached stage's files were logged by the run that computed them (tag
+    # raypipe.artifact points at them): copying them again on every rerun is waste.
+    if artifact_dir is not None and artifact_dir.is_dir() and not entry.cache_hit:
+        for path in sorted(artifact_dir.rglob("*")):
+            small = path.is_file() and path.stat().st_size <= ARTIFACT_MAX_BYTES
+            if small and path.suffix in ARTIFACT_SUFFIXES:
+                rel = path.parent.relative_to(artifact_dir).as_posix()
+                files.append((path, None if rel == "." else rel))
+    status = {Status.SUCCEEDED: "FINISHED", Status.FAILED: "FAILED"}.get(entry.status, "KILLED")
+    return StageData(tags, params, metrics, files, status)
 
 
 def _shown(value: Any, limit: int = MAX_PARAM_CHARS) -> str:
@@ -279,9 +348,7 @@ def _flatten(value: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _history_metrics(path: Path) -> list:
-    from mlflow.entities import Metric
-
+def _history_metrics(path: Path) -> list[tuple[str, float, int, int]]:
     metrics = []
     for i, line in enumerate(path.read_text().splitlines()):
         if not line.strip():
@@ -291,7 +358,7 @@ def _history_metrics(path: Path) -> list:
         stamp = int(point.get("time", time.time()) * 1000)
         for key, value in point.items():
             if key not in ("step", "time") and _number(value):
-                metrics.append(Metric(key, float(value), stamp, step))
+                metrics.append((key, float(value), stamp, step))
         if len(metrics) >= MAX_STEP_METRICS:
             break
     return metrics
@@ -351,7 +418,7 @@ def log_saved_run(store: Store, run_id: str, uri: str, artifact_root: str | None
                 return  # logged already (handed over twice, or resumed and tracked since)
             try:
                 own = uri == default_tracking_uri(store)
-                tracker = Tracker(uri, record.pipeline, artifact_root, own_database=own)
+                tracker = open_tracker(uri, record.pipeline, artifact_root, own_database=own)
                 record.mlflow_run_id = tracker.start(
                     run_id, record.pipeline, record.overrides, record.mlflow_run_id
                 )

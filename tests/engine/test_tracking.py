@@ -14,6 +14,7 @@ from cli_helpers import cli, cli_env, wait_for
 from mlflow import MlflowClient
 
 from pipelines import engine, spec
+from pipelines.mlflow_sqlite import SqliteTracker
 from pipelines.tracking import Tracker, log_saved_run
 
 
@@ -103,19 +104,31 @@ def test_own_database_commits_without_fsync_a_named_one_keeps_its_modes(ray_loca
         assert mlflow_id in listed.stdout and "modes" in listed.stdout, listed.stdout
 
 
+TRACKERS = (Tracker, SqliteTracker)  # MLflow's client; raypipe's own database, written directly
+
+
 def far_away(monkeypatch):
     """The driver's tracking (in this process) as if MLflow were a server 3 s away for each
-    stage: longer than a run waits for it (``engine.TRACKING_WAIT_S``). Returns the real
-    ``Tracker.stage``."""
-    logged = Tracker.stage
+    stage: longer than a run waits for it (``engine.TRACKING_WAIT_S``), whichever tracker
+    writes. Returns a function that puts the real ``stage`` methods back."""
     assert engine.TRACKING_WAIT_S < 3.0
+    real = {cls: cls.stage for cls in TRACKERS}
 
-    def slow(self, name, entry, manifest):
-        time.sleep(3.0)
-        return logged(self, name, entry, manifest)
+    def slow_down(logged):
+        def slow(self, name, entry, manifest):
+            time.sleep(3.0)
+            return logged(self, name, entry, manifest)
 
-    monkeypatch.setattr(Tracker, "stage", slow)
-    return logged
+        return slow
+
+    for cls in TRACKERS:
+        monkeypatch.setattr(cls, "stage", slow_down(real[cls]))
+
+    def near_again():
+        for cls in TRACKERS:
+            monkeypatch.setattr(cls, "stage", real[cls])
+
+    return near_again
 
 
 def test_a_run_that_outpaces_its_tracking_leaves_the_rest_to_a_background_logger(
@@ -182,7 +195,7 @@ def test_a_run_that_outpaces_its_tracking_leaves_the_rest_to_a_background_logger
 
 
 def test_a_resumed_run_logs_what_a_dead_background_logger_left(ray_local, tmp_path, monkeypatch):
-    logged = far_away(monkeypatch)
+    near_again = far_away(monkeypatch)
     # The background logger dies before it logs anything.
     monkeypatch.setattr("pipelines.tracking.log_later", lambda *_args: "it died")
     store = tmp_path / "store"
@@ -195,7 +208,7 @@ def test_a_resumed_run_logs_what_a_dead_background_logger_left(ray_local, tmp_pa
     record = engine.Runner(spec.load(path), printer=lambda _line: None, track_later=True).run()
     assert record.ok and record.tracked_later, record.tracked_later
 
-    monkeypatch.setattr(Tracker, "stage", logged)
+    near_again()
     again = engine.resume_run(str(store), record.run_id, printer=lambda _line: None)
     assert again.ok and again.tracked_later is None and again.tracking_error is None
     assert again.mlflow_run_id == record.mlflow_run_id
@@ -215,10 +228,10 @@ def test_a_resumed_run_logs_what_a_dead_background_logger_left(ray_local, tmp_pa
     # The logger is alive this time, but has the run's lock only after `resume` has read the
     # record: the resumed driver takes what the logger saved and logs nothing twice.
     path.write_text(path.read_text().replace("value: 2", "value: 3"))
-    far_away(monkeypatch)
+    near_again = far_away(monkeypatch)
     late = engine.Runner(spec.load(path), printer=lambda _line: None, track_later=True).run()
     assert late.ok and late.tracked_later, late.tracked_later
-    monkeypatch.setattr(Tracker, "stage", logged)
+    near_again()
     read_before_the_logger = engine.load_record
 
     def read_then_the_logger_runs(store_, run_id):
@@ -278,6 +291,11 @@ def test_cached_rerun_starts_no_mlflow_nor_ray_yet_is_tracked_and_verified(ray_l
     }
     assert by_stage["b"].params["value"] == "3.0" and by_stage["b"].metrics["value"] == 5.0
     assert json.loads(saved.read_text())["tracking_error"] is None
+    # The background logger (its import log is in its own log) wrote raypipe's own database,
+    # which the first run made, without MLflow's client: it imported no MLflow either.
+    logger_log = (tmp_path / "store" / "runs" / run_id / "tracking.log").read_text()
+    assert imported(logger_log), "the logger's import log is missing"
+    assert not {m for m in imported(logger_log) if m.split(".")[0] == "mlflow"}
 
     # Checksums are still read on the cached path: a tampered artifact is recomputed.
     out = tmp_path / "store" / "artifacts" / "test.sleep" / first.stages["a"].cache_key

@@ -27,14 +27,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from pipelines.mlflow_runs import parent_data, stage_data
 from pipelines.record import StageEntry, Status
-from pipelines.tracking import parent_data, stage_data, write_ahead
 
 #: The Alembic revision of MLflow's schema (MLflow 3.17's head) these writes were checked
 #: against, column for column. A database at any other revision is left to MLflow's client.
 SCHEMA_REVISION = "dc11669786a5"
 #: MLflow's limits: a key's characters and length, a tag's value (a param's is cut by
-#: ``tracking._shown`` to MLflow's 6000 already).
+#: ``mlflow_runs._shown`` to MLflow's 6000 already).
 _KEY = re.compile(r"^[/\w.\- :]*$")
 MAX_KEY_CHARS = 250
 MAX_TAG_CHARS = 8000
@@ -76,6 +76,16 @@ def _metric_row(value: float) -> tuple[float, int]:
     if math.isinf(value):
         return math.copysign(_FLOAT_MAX, value), 0
     return value, 0
+
+
+def write_ahead(connection: sqlite3.Connection) -> None:
+    """Sets up one connection to raypipe's own database: write-ahead logged, no fsync a commit
+    (see :func:`pipelines.tracking.commit_without_fsync`)."""
+    try:
+        connection.execute("PRAGMA journal_mode=WAL")  # kept in the file: once is enough
+        connection.execute("PRAGMA synchronous=NORMAL")  # per connection
+    except sqlite3.OperationalError:
+        pass  # busy: this connection commits as SQLite's defaults do, which is only slower
 
 
 class SqliteTracker:

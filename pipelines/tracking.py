@@ -16,8 +16,10 @@ id into ``run.json``. So does a run that succeeded before its driver's tracking 
 the stages not yet logged (``tracked_later`` in its record) and its end.
 
 raypipe's own database (the default: SQLite under a local storage root) is write-ahead logged
-and commits without an fsync each (:func:`commit_without_fsync`): a stage costs MLflow three
-transactions, and waiting on the disk for each was a third of what logging it took.
+and commits without an fsync each (:func:`commit_without_fsync`). Once MLflow has made it (and
+the pipeline's experiment), it is written directly, one transaction a stage and no MLflow import
+(:mod:`pipelines.mlflow_sqlite`; :func:`open_tracker` chooses): through MLflow's client a stage
+cost 10-15 ms of the driver's CPU, which the run waited for.
 """
 
 from __future__ import annotations
@@ -28,25 +30,20 @@ import os
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pipelines.guards import one_line, redact, redact_uri
+from pipelines.guards import one_line, redact_uri
+from pipelines.mlflow_runs import STAGE_RUN_TAGS, parent_data, stage_data
+from pipelines.mlflow_sqlite import SqliteTracker, write_ahead
 from pipelines.record import RUN_FILE, StageEntry, Status, load_record
 
 if TYPE_CHECKING:
-    from pipelines.mlflow_sqlite import SqliteTracker
     from pipelines.store import Store
 
-MAX_PARAM_CHARS = 6000
-MAX_STEP_METRICS = 20_000
-ARTIFACT_SUFFIXES = (".png", ".json")
-ARTIFACT_MAX_BYTES = 5 << 20
 #: Seconds a tracking server has to answer the first request before tracking is turned off.
 CONNECT_TIMEOUT_S = 5.0
 #: The environment variable that hands :func:`log_later`'s process its job (JSON: the storage
@@ -96,15 +93,6 @@ def _on_connect(connection: Any, _record: Any) -> None:
         write_ahead(connection)
 
 
-def write_ahead(connection: sqlite3.Connection) -> None:
-    """Sets up one connection to raypipe's own database (see :func:`commit_without_fsync`)."""
-    try:
-        connection.execute("PRAGMA journal_mode=WAL")  # kept in the file: once is enough
-        connection.execute("PRAGMA synchronous=NORMAL")  # per connection
-    except sqlite3.OperationalError:
-        pass  # busy: this connection commits as SQLite's defaults do, which is only slower
-
-
 def open_tracker(
     uri: str, experiment: str, artifact_root: str | None, own_database: bool = False
 ) -> Tracker | SqliteTracker:
@@ -112,8 +100,6 @@ def open_tracker(
     and the experiment, is written directly (:mod:`pipelines.mlflow_sqlite`: no MLflow import,
     a fraction of a millisecond a stage); anything else through MLflow's client."""
     if own_database and uri.startswith("sqlite:///"):
-        from pipelines.mlflow_sqlite import SqliteTracker
-
         direct = SqliteTracker.open(uri.removeprefix("sqlite:///"), experiment)
         if direct is not None:
             return direct
@@ -250,118 +236,8 @@ class Tracker:
             self.client.set_terminated(self.parent_id, status=state)
 
 
-def parent_data(
-    run_id: str, pipeline: str, overrides: list[str]
-) -> tuple[str, list[tuple[str, str]], list[tuple[str, str]]]:
-    """A pipeline run's MLflow run: its name, tags (``raypipe.kind`` last: logged once the run
-    is made) and params."""
-    tags = [("raypipe.run_id", run_id), ("raypipe.pipeline", pipeline), ("raypipe.kind", "run")]
-    params = [("overrides", _shown(" ".join(overrides)))] if overrides else []
-    return f"{pipeline} {run_id}", tags, params
-
-
-#: How many of :class:`StageData`'s tags a stage's run is made with (the rest are logged after).
-STAGE_RUN_TAGS = 5
-
-
-@dataclass
-class StageData:
-    """What a stage's nested MLflow run holds, whichever way it is written.
-
-    Attributes:
-        tags: (key, value), the first ``STAGE_RUN_TAGS`` those the run is made with.
-        params: (key, value), redacted and cut to MLflow's limit.
-        metrics: (key, value, timestamp in ms, step): the final ones, then the history's.
-        files: (file, folder under the run's artifacts or None) to copy.
-        status: the run's MLflow status.
-    """
-
-    tags: list[tuple[str, str]]
-    params: list[tuple[str, str]]
-    metrics: list[tuple[str, float, int, int]]
-    files: list[tuple[Path, str | None]]
-    status: str
-
-
-def stage_data(
-    name: str, entry: StageEntry, manifest: dict[str, Any] | None, parent_id: str | None
-) -> StageData:
-    """A settled stage as its nested MLflow run: its config as params, its metrics (final,
-    and per step from ``history.jsonl``), its small plots and JSON files as artifacts."""
-    tags = [
-        ("mlflow.parentRunId", parent_id or ""),
-        ("raypipe.stage", name),
-        ("raypipe.component", entry.uses),
-        ("raypipe.cache_hit", str(entry.cache_hit).lower()),
-        ("raypipe.status", str(entry.status)),
-    ]
-    params = []
-    if manifest is not None:
-        flat = _flatten(manifest.get("config", {}))
-        flat.update(_flatten(manifest.get("resources") or {}, "resources."))
-        params = [(k, _shown(v)) for k, v in sorted(flat.items())]
-        tags += [
-            ("raypipe.artifact", _shown(manifest.get("path", ""))),
-            ("raypipe.cache_key", str(manifest.get("cache_key", ""))),
-            ("raypipe.component_version", str(manifest.get("version", ""))),
-        ]
-    now = int(time.time() * 1000)
-    metrics = [(k, float(v), now, 0) for k, v in entry.metrics.items() if _number(v)]
-    artifact_dir = Path(entry.artifact) if entry.artifact else None
-    if artifact_dir is not None and (artifact_dir / "history.jsonl").is_file():
-        metrics += _history_metrics(artifact_dir / "history.jsonl")
-    if entry.error:
-        tags.append(("raypipe.error", _shown(entry.error, 5000)))
-    files = []
-    # A cached stage's files were logged by the run that computed them (tag
-    # raypipe.artifact points at them): copying them again on every rerun is waste.
-    if artifact_dir is not None and artifact_dir.is_dir() and not entry.cache_hit:
-        for path in sorted(artifact_dir.rglob("*")):
-            small = path.is_file() and path.stat().st_size <= ARTIFACT_MAX_BYTES
-            if small and path.suffix in ARTIFACT_SUFFIXES:
-                rel = path.parent.relative_to(artifact_dir).as_posix()
-                files.append((path, None if rel == "." else rel))
-    status = {Status.SUCCEEDED: "FINISHED", Status.FAILED: "FAILED"}.get(entry.status, "KILLED")
-    return StageData(tags, params, metrics, files, status)
-
-
-def _shown(value: Any, limit: int = MAX_PARAM_CHARS) -> str:
-    """A param or tag value as MLflow may keep it: redacted, then cut to ``limit``."""
-    return redact(str(value))[:limit]
-
-
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _flatten(value: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, item in value.items():
-        if isinstance(item, dict):
-            out.update(_flatten(item, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = json.dumps(item) if isinstance(item, list) else item
-    return out
-
-
-def _history_metrics(path: Path) -> list[tuple[str, float, int, int]]:
-    metrics = []
-    for i, line in enumerate(path.read_text().splitlines()):
-        if not line.strip():
-            continue
-        point = json.loads(line)
-        step = int(point.get("step", i))
-        stamp = int(point.get("time", time.time()) * 1000)
-        for key, value in point.items():
-            if key not in ("step", "time") and _number(value):
-                metrics.append((key, float(value), stamp, step))
-        if len(metrics) >= MAX_STEP_METRICS:
-            break
-    return metrics
 
 
 def log_later(store: Store, run_id: str, uri: str, artifact_root: str | None) -> str:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -56,6 +56,9 @@ from pipelines.spec import Pipeline, Stage
 from pipelines.stage_task import StageJob, remote_stage_task
 from pipelines.store import ArtifactInvalid, RunLocked, Store, digest_of, driver_lock
 from pipelines.tracking import default_tracking_uri, saved_manifest
+
+if TYPE_CHECKING:
+    from pipelines.mlflow_sqlite import SqliteTracker
 
 __all__ = ["PIPELINE_FILE", "RUN_FILE", "RunLocked", "RunRecord", "Runner", "load_record"]
 
@@ -180,6 +183,42 @@ def auth_summary() -> str:
     return f"Ray token authentication: on (token in {where}; RAY_AUTH_MODE=disabled turns it off)"
 
 
+class InlineCalls:
+    """Tracking's queue when a call costs next to nothing (raypipe's own database, written
+    directly): calls are queued as on the tracking thread, in order, and made on the driver's
+    own thread by :meth:`run_pending`, which the loop calls once it has launched what it can
+    (the stages' tasks run meanwhile), so a stage that finished is in MLflow before the loop
+    waits again. A thread would take the interpreter's lock from the loop, up to its switch
+    interval, just when the next stage should be launched. The executor's interface
+    (``submit``, ``shutdown``) with the same meaning."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Future, Callable[..., Any], tuple[Any, ...]]] = []
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        self._pending.append((future, fn, args))
+        return future
+
+    def run_pending(self) -> None:
+        while self._pending:
+            future, fn, args = self._pending.pop(0)
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - kept in the future, as a thread's
+                future.set_exception(e)
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        if cancel_futures:
+            for future, _, _ in self._pending:
+                future.cancel()
+            self._pending.clear()
+        if wait:
+            self.run_pending()
+
+
 class Runner:
     """Runs (or resumes) one pipeline run.
 
@@ -254,9 +293,11 @@ class Runner:
         #: MLflow starts with the first stage that has to run (see _ensure_tracking); the
         #: stages settled before it wait here to be logged.
         self._tracking_started = False
-        self._tracking: ThreadPoolExecutor | None = None
-        #: Every call queued on the tracking thread: the stage it logs (None: the run's start
-        #: or end), and its future (cancelled: never made, see _hand_over_tracking).
+        #: Where tracking calls are made: a thread of their own (MLflow's client), or queued
+        #: for this thread (raypipe's own database written directly, see InlineCalls).
+        self._tracking: ThreadPoolExecutor | InlineCalls | None = None
+        #: Every call queued for tracking: the stage it logs (None: the run's start or end),
+        #: and its future (cancelled: never made, see _hand_over_tracking).
         self._queued: list[tuple[str | None, Future]] = []
         self._untracked: list[tuple[str, dict[str, Any] | None]] = []
         self.digests: dict[str, str] = {}
@@ -368,8 +409,14 @@ class Runner:
         if self._tracking_started:
             return
         self._tracking_started = True
-        self._tracking = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raypipe-tracking")
-        self._queued.append((None, self._tracking.submit(self._start_tracking)))
+        direct = self._open_direct_tracker()
+        if direct is not None:
+            self._tracking = InlineCalls()
+        else:
+            self._tracking = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="raypipe-tracking"
+            )
+        self._queued.append((None, self._tracking.submit(self._start_tracking, direct)))
         # A resumed run whose earlier driver handed stages to a background logger that never
         # logged them (it died, or this driver had the lock first): they are logged here.
         left, self.record.tracked_later = self.record.tracked_later or [], None
@@ -381,6 +428,24 @@ class Runner:
         for name, manifest in self._untracked:
             self._track_stage(name, manifest)
         self._untracked.clear()
+
+    def _open_direct_tracker(self) -> SqliteTracker | None:
+        """raypipe's own database, written on this thread (see InlineCalls), when it can be
+        (:meth:`pipelines.mlflow_sqlite.SqliteTracker.open`); else None."""
+        uri = self.tracking_uri
+        if not uri or uri != default_tracking_uri(self.store):
+            return None
+        from pipelines.mlflow_sqlite import SqliteTracker
+
+        try:
+            return SqliteTracker.open(uri.removeprefix("sqlite:///"), self.pipeline.name)
+        except OSError:  # unreadable now: MLflow's client, on its thread, says why
+            return None
+
+    def _catch_up_tracking(self) -> None:
+        """Makes the tracking calls queued for this thread (see InlineCalls)."""
+        if isinstance(self._tracking, InlineCalls):
+            self._tracking.run_pending()
 
     def _stop_tracking(self, wait: bool = True) -> None:
         """Waits for every queued tracking call (or, without ``wait``, drops those not
@@ -397,6 +462,7 @@ class Runner:
         imports) in another process; a longer one (a slow tracking server) does not hold up
         the run's result. Only for a run that succeeded: a failed one may be resumed at once,
         and the logger holds the run's lock."""
+        self._catch_up_tracking()
         (_, opened), rest = self._queued[0], self._queued[1:]
         opened.result()  # MLflow's start is paid here in any case (errors are recorded)
         futures.wait([call for _, call in rest], timeout=TRACKING_WAIT_S)
@@ -438,9 +504,9 @@ class Runner:
                 f"run's end; {where})"
             )
 
-    def _start_tracking(self) -> None:
-        """Opens the MLflow parent run (on the tracking thread); a failure is recorded, not
-        fatal."""
+    def _start_tracking(self, direct: SqliteTracker | None = None) -> None:
+        """Opens the MLflow parent run (on the tracking thread, or with ``direct`` on this
+        one); a failure is recorded, not fatal."""
         uri = self.tracking_uri
         if not uri:
             if self.record.tracking:
@@ -453,7 +519,7 @@ class Runner:
 
         try:
             own = uri == default_tracking_uri(self.store)
-            tracker = open_tracker(
+            tracker = direct or open_tracker(
                 uri, self.pipeline.name, _artifact_root(self.store), own_database=own
             )
             self.record.mlflow_run_id = tracker.start(
@@ -465,9 +531,10 @@ class Runner:
         self.tracker = tracker
 
     def _tracked(self, call: Callable[[Any], Any], stage: str | None = None) -> None:
-        """Queues one tracking call. Calls run in order on one thread of their own, so a stage
-        that finished does not hold up the next one while MLflow records it (each call is a
-        database transaction or a request); the first failure turns tracking off."""
+        """Queues one tracking call. Calls run in order, on one thread of their own or once
+        the loop has launched the next stages (InlineCalls), so a stage that finished does not
+        hold up the next one while MLflow records it (each call is a database transaction or a
+        request); the first failure turns tracking off."""
         if self._tracking is not None:
             self._queued.append((stage, self._tracking.submit(self._call_tracker, call)))
 
@@ -518,6 +585,7 @@ class Runner:
         while True:
             self._start_ready(pending, running)
             self.save()  # once per turn of the loop: every change since the last turn
+            self._catch_up_tracking()
             if not running:
                 break
             import ray

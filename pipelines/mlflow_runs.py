@@ -4,14 +4,16 @@ raypipe's own database directly, :class:`pipelines.mlflow_sqlite.SqliteTracker`)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pipelines.guards import redact
 from pipelines.record import StageEntry, Status
+from pipelines.store import MANIFEST, stays_inside
 
 MAX_PARAM_CHARS = 6000
 MAX_STEP_METRICS = 20_000
@@ -77,21 +79,41 @@ def stage_data(
     now = int(time.time() * 1000)
     metrics = [(k, float(v), now, 0) for k, v in entry.metrics.items() if _number(v)]
     artifact_dir = Path(entry.artifact) if entry.artifact else None
-    if artifact_dir is not None and (artifact_dir / "history.jsonl").is_file():
-        metrics += _history_metrics(artifact_dir / "history.jsonl")
+    listed = (manifest or {}).get("files")
+    listed = listed if isinstance(listed, dict) else None
+    if artifact_dir is not None:
+        history = artifact_dir / "history.jsonl"
+        if (history.name in listed) if listed is not None else history.is_file():
+            metrics += _history_metrics(history)
     if entry.error:
         tags.append(("raypipe.error", _shown(entry.error, 5000)))
     files = []
     # A cached stage's files were logged by the run that computed them (tag
     # raypipe.artifact points at them): copying them again on every rerun is waste.
-    if artifact_dir is not None and artifact_dir.is_dir() and not entry.cache_hit:
-        for path in sorted(artifact_dir.rglob("*")):
-            small = path.is_file() and path.stat().st_size <= ARTIFACT_MAX_BYTES
-            if small and path.suffix in ARTIFACT_SUFFIXES:
-                rel = path.parent.relative_to(artifact_dir).as_posix()
-                files.append((path, None if rel == "." else rel))
+    if artifact_dir is not None and not entry.cache_hit and artifact_dir.is_dir():
+        files = _logged_files(artifact_dir, listed)
     status = {Status.SUCCEEDED: "FINISHED", Status.FAILED: "FAILED"}.get(entry.status, "KILLED")
     return StageData(tags, params, metrics, files, status)
+
+
+def _logged_files(root: Path, listed: dict[str, Any] | None) -> list[tuple[Path, str | None]]:
+    """An artifact's small plots and JSON files, each with the folder it goes under: those
+    its manifest lists (sizes from there: no walk of the disk) and the manifest itself, or
+    without a list, the directory's."""
+    if listed is not None:
+        sizes = {rel: meta.get("bytes", 0) for rel, meta in listed.items() if stays_inside(rel)}
+        with contextlib.suppress(OSError):
+            sizes[MANIFEST] = (root / MANIFEST).stat().st_size
+    else:
+        found = (p for p in root.rglob("*") if p.is_file())
+        sizes = {p.relative_to(root).as_posix(): p.stat().st_size for p in found}
+    files = []
+    for rel in sorted(sizes):
+        name = PurePosixPath(rel)
+        if sizes[rel] <= ARTIFACT_MAX_BYTES and name.suffix in ARTIFACT_SUFFIXES:
+            folder = name.parent.as_posix()
+            files.append((root / rel, None if folder == "." else folder))
+    return files
 
 
 def _shown(value: Any, limit: int = MAX_PARAM_CHARS) -> str:

@@ -24,7 +24,6 @@ import shutil
 import sqlite3
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from pipelines.mlflow_runs import parent_data, stage_data
@@ -153,11 +152,11 @@ class SqliteTracker:
         data = stage_data(name, entry, manifest, self.parent_id)
         run_uuid = uuid.uuid4().hex
         if data.files:
-            root = Path(self._artifact_uri(run_uuid))
+            root = self._artifact_uri(run_uuid)
+            for folder in {rel or "" for _, rel in data.files}:
+                os.makedirs(os.path.join(root, folder), exist_ok=True)
             for path, rel in data.files:
-                into = root / rel if rel else root
-                into.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, into / path.name)
+                shutil.copyfile(path, os.path.join(root, rel or "", path.name))
         times = (start, _ms())
         return self._insert_run(
             name, data.tags, data.params, data.metrics, data.status, times, run_uuid

@@ -151,7 +151,7 @@ def _reason(error: BaseException) -> str:
     return one_line(error, 300)
 
 
-def _stays_inside(rel: str) -> bool:
+def stays_inside(rel: str) -> bool:
     """Whether a manifest's file name stays inside its artifact (no absolute path, no ``..``)."""
     parts = PurePosixPath(rel)
     return bool(rel) and not parts.is_absolute() and ".." not in parts.parts
@@ -164,7 +164,7 @@ def check_files(local: Path, manifest: dict[str, Any]) -> None:
         ArtifactInvalid: naming the first file that is not.
     """
     for rel, meta in manifest.get("files", {}).items():
-        if not _stays_inside(rel):
+        if not stays_inside(rel):
             raise ArtifactInvalid(f"file {rel} leaves the artifact's directory")
         path = local / rel
         if not path.is_file():
@@ -396,7 +396,7 @@ class Store:
         fs, base = self._fs()
         src = f"{base}/{self.artifact_rel(component, key)}"
         for rel, meta in manifest.get("files", {}).items():
-            if not _stays_inside(rel):
+            if not stays_inside(rel):
                 continue  # never written outside the cache; verify() rejects the manifest
             path = local / rel
             if path.is_file() and path.stat().st_size == meta["bytes"]:

@@ -62,7 +62,20 @@ def stages(tmp_path):
         uses="test.sleep", status=Status.SUCCEEDED, cache_key="k1", cache_hit=True,
         artifact=str(art), metrics={"acc": 0.5},
     )  # fmt: skip
-    return [("train", done, manifest), ("bad", failed, None), ("again", cached, manifest)]
+    # As published: the files listed with their sizes (what is logged is read from here, not
+    # from a walk of the disk), one name that would leave the artifact never followed.
+    listed = {
+        rel: {"bytes": (art / rel).stat().st_size, "sha256": "-"}
+        for rel in ("out.json", "plots/loss.png", "weights.pt", "history.jsonl")
+    }
+    (tmp_path / "outside.json").write_text("{}")
+    published = {**manifest, "files": {**listed, "../outside.json": {"bytes": 2}}}
+    return [
+        ("train", done, published),
+        ("bad", failed, None),
+        ("again", cached, published),
+        ("older", done, manifest),  # a manifest without its file list: the folder's files
+    ]
 
 
 def read_back(client: MlflowClient, run_id: str, parent_id: str | None) -> dict:
@@ -129,6 +142,8 @@ def test_direct_writes_read_back_as_mlflow_clients_own(own_db, tmp_path):
     assert train["metrics"]["train/loss"] == -1.7976931348623157e308  # the highest step's
     assert train["files"] == [("out.json", 12), ("plots/loss.png", 15)]
     assert views["direct"][3]["files"] == []  # cached: logged by the run that computed it
+    assert views["direct"][4]["files"] == train["files"]
+    assert views["direct"][4]["history"] == train["history"]
 
     # MLflow's own search finds the nested runs under their parent, in one experiment.
     experiment = client.get_experiment_by_name("exp").experiment_id

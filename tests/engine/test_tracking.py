@@ -14,7 +14,6 @@ from cli_helpers import cli, cli_env, wait_for
 from mlflow import MlflowClient
 
 from pipelines import engine, spec
-from pipelines.mlflow_sqlite import SqliteTracker
 from pipelines.tracking import Tracker, log_saved_run
 
 
@@ -104,31 +103,62 @@ def test_own_database_commits_without_fsync_a_named_one_keeps_its_modes(ray_loca
         assert mlflow_id in listed.stdout and "modes" in listed.stdout, listed.stdout
 
 
-TRACKERS = (Tracker, SqliteTracker)  # MLflow's client; raypipe's own database, written directly
+def test_own_database_is_written_on_the_drivers_thread_as_stages_finish(
+    ray_local, tmp_path, monkeypatch
+):
+    path = tmp_path / "p.yaml"
+    chain = (
+        f"name: live\nstorage: {tmp_path / 'store'}\nstages:\n"
+        "  a: {{uses: test.sleep, with: {{value: {0}}}}}\n"
+        "  b: {{uses: test.sleep, needs: [a], with: {{value: 2}}}}\n"
+        "  c: {{uses: test.sleep, needs: [b], with: {{value: 3}}}}\n"
+    )
+    path.write_text(chain.format(0))
+    first = engine.Runner(spec.load(path), printer=lambda _line: None, track_later=True)
+    assert first.run().ok  # MLflow's client makes the database and the experiment
+    assert not isinstance(first._tracking, engine.InlineCalls)
+
+    def no_thread(*_args, **_kwargs):
+        raise AssertionError("a tracking thread was started")
+
+    monkeypatch.setattr(engine, "ThreadPoolExecutor", no_thread)
+    path.write_text(chain.format(1))
+    runner = engine.Runner(spec.load(path), printer=lambda _line: None, track_later=True)
+    record = runner.run()
+    assert record.ok and isinstance(runner._tracking, engine.InlineCalls)
+    assert record.tracking_error is None and record.tracked_later is None
+    client = MlflowClient(tracking_uri=record.tracking)
+    parent = client.get_run(record.mlflow_run_id)
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{record.mlflow_run_id}'",
+    )
+    by_stage = {r.data.tags["raypipe.stage"]: r for r in children}
+    assert sorted(by_stage) == ["a", "b", "c"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    # Logged as the run goes: a stage is in MLflow before the stage after the next starts.
+    assert by_stage["a"].info.end_time <= record.stages["c"].start * 1000
+
+
+#: A database a pipeline names (``tracking:``): always written through MLflow's client.
+NAMED = "sqlite:///{}/named.db"
 
 
 def far_away(monkeypatch):
     """The driver's tracking (in this process) as if MLflow were a server 3 s away for each
-    stage: longer than a run waits for it (``engine.TRACKING_WAIT_S``), whichever tracker
-    writes. Returns a function that puts the real ``stage`` methods back."""
+    stage: longer than a run waits for it (``engine.TRACKING_WAIT_S``). MLflow's client only:
+    the tests that use it name a database, which raypipe does not write directly. Returns a
+    function that puts the real ``Tracker.stage`` back."""
     assert engine.TRACKING_WAIT_S < 3.0
-    real = {cls: cls.stage for cls in TRACKERS}
+    logged = Tracker.stage
 
-    def slow_down(logged):
-        def slow(self, name, entry, manifest):
-            time.sleep(3.0)
-            return logged(self, name, entry, manifest)
+    def slow(self, name, entry, manifest):
+        time.sleep(3.0)
+        return logged(self, name, entry, manifest)
 
-        return slow
-
-    for cls in TRACKERS:
-        monkeypatch.setattr(cls, "stage", slow_down(real[cls]))
-
-    def near_again():
-        for cls in TRACKERS:
-            monkeypatch.setattr(cls, "stage", real[cls])
-
-    return near_again
+    monkeypatch.setattr(Tracker, "stage", slow)
+    return lambda: monkeypatch.setattr(Tracker, "stage", logged)
 
 
 def test_a_run_that_outpaces_its_tracking_leaves_the_rest_to_a_background_logger(
@@ -137,7 +167,7 @@ def test_a_run_that_outpaces_its_tracking_leaves_the_rest_to_a_background_logger
     store = tmp_path / "store"
     path = tmp_path / "p.yaml"
     chain = (
-        f"name: behind\nstorage: {store}\nstages:\n"
+        f"name: behind\nstorage: {store}\ntracking: {NAMED.format(tmp_path)}\nstages:\n"
         "  a: {{uses: test.sleep, with: {{value: {0}}}}}\n"
         "  b: {{uses: test.sleep, needs: [a], with: {{value: 2}}}}\n"
         "  c: {{uses: test.sleep, needs: [b], with: {{value: 3}}}}\n"
@@ -180,7 +210,7 @@ def test_a_run_that_outpaces_its_tracking_leaves_the_rest_to_a_background_logger
 
     # A run that failed waits for its tracking: it may be resumed at once.
     path.write_text(
-        f"name: behind\nstorage: {store}\nstages:\n"
+        f"name: behind\nstorage: {store}\ntracking: {NAMED.format(tmp_path)}\nstages:\n"
         "  a: {uses: test.sleep, with: {value: 7}}\n"
         "  bad: {uses: test.fail, needs: [a], with: {message: failed on purpose}}\n"
     )
@@ -201,7 +231,7 @@ def test_a_resumed_run_logs_what_a_dead_background_logger_left(ray_local, tmp_pa
     store = tmp_path / "store"
     path = tmp_path / "p.yaml"
     path.write_text(
-        f"name: left\nstorage: {store}\nstages:\n"
+        f"name: left\nstorage: {store}\ntracking: {NAMED.format(tmp_path)}\nstages:\n"
         "  a: {uses: test.sleep, with: {value: 1}}\n"
         "  b: {uses: test.sleep, needs: [a], with: {value: 2}}\n"
     )

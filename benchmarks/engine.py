@@ -1,7 +1,7 @@
-"""Engine overhead and cached-rerun figures, as JSON.
+"""Engine overhead, tracking, CLI-run and cached-rerun figures, as JSON.
 
-    .venv/bin/python benchmarks/engine.py [--only overhead|rerun|tracking] [--stages 20]
-        [--rounds 5] [--untracked | --tracking-wait S]
+    .venv/bin/python benchmarks/engine.py [--only overhead|rerun|tracking|cli] [--stages 20]
+        [--rounds 5] [--untracked | --tracking-wait S] [--against CHECKOUT]
 
 1. overhead: a chain of N trivial stages run by the engine (MLflow tracking and the report on,
    as the CLI runs it: what tracking has not logged by the run's end is left to a background
@@ -17,9 +17,13 @@
    same file and overrides in the same round (the CLI's floor: Python, parsing, validation),
    and how long after each rerun its MLflow run appears (logged in the background).
 3. tracking: what MLflow costs a stage, the nested run the engine logs for it (params, metrics,
-   tags, one artifact file), into raypipe's own SQLite database (write-ahead logged, no fsync
-   a commit) and into a database a user names (SQLite's defaults), interleaved in rounds in
-   this process: min/median/max of the ms a stage and of their ratio.
+   tags, one artifact file): into raypipe's own SQLite database written directly (as the
+   engine does once MLflow has made it) and through MLflow's client (write-ahead logged, no
+   fsync a commit), and into a database a user names (MLflow's client, SQLite's defaults),
+   interleaved in rounds in this process: min/median/max of the ms a stage and the ratios.
+4. cli: `raypipe run` of a chain of three trivial stages in a fresh process (its own embedded
+   Ray), wall and CPU seconds, MLflow holding the whole run when the command returns; with
+   ``--against``, another checkout's run of the same in the same rounds, and the ratios.
 """
 
 from __future__ import annotations
@@ -161,11 +165,14 @@ def _wait_for_loggers_to_exit() -> None:
 
 
 def bench_tracking(n: int, rounds: int) -> dict:
-    """``n`` stages logged into raypipe's own database and into a named one, in rounds."""
+    """``n`` stages logged into raypipe's own database, written directly (as the engine does)
+    and through MLflow's client, and into a named database (MLflow's client, SQLite's
+    defaults), in rounds."""
     import sqlite3
 
+    from pipelines.mlflow_sqlite import SqliteTracker
     from pipelines.record import StageEntry, Status
-    from pipelines.tracking import Tracker
+    from pipelines.tracking import Tracker, open_tracker
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -176,11 +183,17 @@ def bench_tracking(n: int, rounds: int) -> dict:
         trackers = {}
         for name, db in databases.items():
             db.parent.mkdir(exist_ok=True)
-            trackers[name] = Tracker(
-                f"sqlite:///{db}", "bench", str(root / f"{name}-artifacts"), name == "own"
-            )
-            trackers[name].start("bench", "bench", [], None)
-        manifest = {"config": {"value": 1.0, "steps": 3}, "resources": {"workers": 1}}
+            uri = f"sqlite:///{db}"
+            trackers[name] = Tracker(uri, "bench", str(root / f"{name}-artifacts"), name == "own")
+        trackers["own_direct"] = open_tracker(f"sqlite:///{databases['own']}", "bench", None, True)
+        assert isinstance(trackers["own_direct"], SqliteTracker)
+        for tracker in trackers.values():
+            tracker.start("bench", "bench", [], None)
+        manifest = {
+            "config": {"value": 1.0, "steps": 3},
+            "resources": {"workers": 1},
+            "files": {"out.json": {"bytes": 14}},
+        }
         entry = StageEntry(
             uses="test.sleep",
             status=Status.SUCCEEDED,
@@ -188,7 +201,7 @@ def bench_tracking(n: int, rounds: int) -> dict:
             metrics={"value": 1.0, "train/loss": 0.5},
         )
         ms: dict[str, list[float]] = {name: [] for name in trackers}
-        for _ in range(rounds + 1):  # round 0 warms both (the first connections, the cache)
+        for _ in range(rounds + 1):  # round 0 warms them (the first connections, the cache)
             for name, tracker in trackers.items():
                 t0 = time.perf_counter()
                 for i in range(n):
@@ -198,13 +211,15 @@ def bench_tracking(n: int, rounds: int) -> dict:
         for name, db in databases.items():
             with sqlite3.connect(db) as connection:
                 journal[name] = connection.execute("PRAGMA journal_mode").fetchone()[0]
-    own, named = ms["own"][1:], ms["named"][1:]
+    direct, own, named = ms["own_direct"][1:], ms["own"][1:], ms["named"][1:]
     return {
         "stages": n,
         "rounds": rounds,
         "journal_mode": journal,
+        "own_database_direct_ms_per_stage": spread(direct, 2),
         "own_database_ms_per_stage": spread(own, 1),
         "named_database_ms_per_stage": spread(named, 1),
+        "ratio_direct_over_client": spread([d / o for d, o in zip(direct, own, strict=True)]),
         "ratio_own_over_named": spread([o / m for o, m in zip(own, named, strict=True)]),
     }
 
@@ -287,13 +302,52 @@ def bench_cached_rerun(rounds: int, storage: str | None, against: str | None) ->
     }
 
 
+def bench_cli_run(rounds: int, against: str | None) -> dict:
+    """A chain of three trivial stages run by `raypipe run` in a fresh process (an embedded
+    Ray each time), as a user runs a small pipeline; with ``against``, the same with another
+    checkout's code in the same rounds. Each run's values are new, so every stage runs. The
+    store (and raypipe's MLflow database in it) is made by an untimed first run, as a user's
+    first run made theirs."""
+    checkouts = {"this": ROOT, **({"against": Path(against).resolve()} if against else {})}
+    figures: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        stores = {name: Path(tmp) / f"store-{name}" for name in checkouts}
+        for r in range(rounds + 1):
+            for name, checkout in checkouts.items():
+                path = Path(tmp) / f"{name}.yaml"
+                path.write_text(chain_yaml(3, stores[name], first_value=1000 * r))
+                wall, cpu, shown = _timed_cli(checkout, "run", str(path))
+                run_id = re.search(r"^run (\S+): succeeded$", shown, re.M).group(1)
+                saved = json.loads((stores[name] / "runs" / run_id / "run.json").read_text())
+                if name == "this":  # MLflow has the whole run when the command returns
+                    assert saved["mlflow_run_id"] and saved["tracked_later"] is None, shown
+                if r:  # round 0 makes the stores
+                    figures.setdefault(f"{name}_run_s", []).append(wall)
+                    figures.setdefault(f"{name}_run_cpu_s", []).append(cpu)
+                _wait_for_loggers_to_exit()
+    if against:
+        for what in ("run_s", "run_cpu_s"):
+            figures[f"{what}_over_against"] = [
+                a / b
+                for a, b in zip(figures[f"this_{what}"], figures[f"against_{what}"], strict=True)
+            ]
+    return {
+        "stages": 3,
+        "against": against,
+        "rounds": rounds,
+        **{name: spread(values) for name, values in figures.items()},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["overhead", "rerun", "tracking"])
+    parser.add_argument("--only", choices=["overhead", "rerun", "tracking", "cli"])
     parser.add_argument("--stages", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--storage", help="rerun: keep the demo's store here (default: temp)")
-    parser.add_argument("--against", help="rerun: another checkout to compare, same rounds")
+    parser.add_argument(
+        "--against", help="rerun, cli: another checkout to compare, in the same rounds"
+    )
     parser.add_argument(
         "--tracking-wait",
         type=float,
@@ -313,6 +367,8 @@ def main() -> None:
         result["cached_rerun"] = bench_cached_rerun(args.rounds, args.storage, args.against)
     if args.only in (None, "tracking"):
         result["tracking"] = bench_tracking(args.stages, args.rounds)
+    if args.only in (None, "cli"):
+        result["cli_run"] = bench_cli_run(args.rounds, args.against)
     print(json.dumps(result, indent=1))
 
 

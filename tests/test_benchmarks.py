@@ -47,6 +47,14 @@ def test_the_tracking_benchmark_logs_into_both_databases_in_their_own_modes():
     assert tracking["journal_mode"] == {"own": "wal", "named": "delete"}
     assert tracking["own_database_ms_per_stage"]["median"] > 0
     assert tracking["named_database_ms_per_stage"]["median"] > 0
+    assert tracking["own_database_direct_ms_per_stage"]["median"] > 0
+
+
+def test_the_cli_benchmark_runs_the_chain_in_fresh_processes_tracked_on_return():
+    # (The benchmark itself checks each run is whole in MLflow when its command returns.)
+    cli_run = results("benchmarks/engine.py", "--only", "cli", "--rounds", "1")["cli_run"]
+    assert cli_run["stages"] == 3 and cli_run["rounds"] == 1
+    assert cli_run["this_run_s"]["median"] >= cli_run["this_run_cpu_s"]["median"] / 16 > 0
 
 
 def test_the_data_benchmark_writes_the_same_rows_both_ways():

@@ -134,11 +134,7 @@ class SqliteTracker:
     def start(self, run_id: str, pipeline: str, overrides: list[str], parent_id: str | None):
         """Starts (or, on resume, reopens) the parent run; returns its MLflow id."""
         if parent_id is not None:
-            with self.db:
-                self.db.execute("BEGIN IMMEDIATE")
-                self.db.execute(
-                    "UPDATE runs SET status = 'RUNNING' WHERE run_uuid = ?", (parent_id,)
-                )
+            self._update_active(parent_id, "status = 'RUNNING'", ())
             self.parent_id = parent_id
             return parent_id
         name, tags, params = parent_data(run_id, pipeline, overrides)
@@ -165,12 +161,22 @@ class SqliteTracker:
     def finish(self, status: str) -> None:
         if self.parent_id is not None:
             state = "FINISHED" if status == Status.SUCCEEDED else "FAILED"
-            with self.db:
-                self.db.execute("BEGIN IMMEDIATE")
-                self.db.execute(
-                    "UPDATE runs SET status = ?, end_time = ? WHERE run_uuid = ?",
-                    (state, _ms(), self.parent_id),
-                )
+            self._update_active(self.parent_id, "status = ?, end_time = ?", (state, _ms()))
+
+    def _update_active(self, run_uuid: str, assignments: str, values: tuple[Any, ...]) -> None:
+        """Updates a run that is there and active, as MLflow's client does; else raises.
+
+        Raises:
+            ValueError: no such run, or it was deleted (in MLflow's UI, say) since.
+        """
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            changed = self.db.execute(
+                f"UPDATE runs SET {assignments} WHERE run_uuid = ? AND lifecycle_stage = 'active'",
+                (*values, run_uuid),
+            ).rowcount
+        if changed != 1:
+            raise ValueError(f"the MLflow run {run_uuid} is not there, or not active (deleted?)")
 
     def _artifact_uri(self, run_uuid: str) -> str:
         return posixpath.join(self.artifact_location, run_uuid, "artifacts")

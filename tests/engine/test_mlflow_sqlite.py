@@ -158,6 +158,11 @@ def test_direct_writes_read_back_as_mlflow_clients_own(own_db, tmp_path):
     assert client.get_run(parent).info.status == "RUNNING"
     reopened.finish(Status.SUCCEEDED)
     assert client.get_run(parent).info.status == "FINISHED"
+    # One deleted meanwhile (in MLflow's UI) is not reopened, as MLflow's client would not.
+    client.delete_run(parent)
+    with pytest.raises(ValueError, match=f"MLflow run {parent} is not there, or not active"):
+        reopened.start("r1", "exp", [], parent)
+    assert client.get_run(parent).info.status == "FINISHED"
 
 
 def test_it_writes_only_where_it_knows_the_schema(own_db, tmp_path):

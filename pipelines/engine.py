@@ -431,16 +431,12 @@ class Runner:
 
     def _open_direct_tracker(self) -> SqliteTracker | None:
         """raypipe's own database, written on this thread (see InlineCalls), when it can be
-        (:meth:`pipelines.mlflow_sqlite.SqliteTracker.open`); else None."""
-        uri = self.tracking_uri
-        if not uri or uri != default_tracking_uri(self.store):
-            return None
-        from pipelines.mlflow_sqlite import SqliteTracker
+        (``pipelines.tracking.open_direct``); else None."""
+        from pipelines.tracking import open_direct
 
-        try:
-            return SqliteTracker.open(uri.removeprefix("sqlite:///"), self.pipeline.name)
-        except OSError:  # unreadable now: MLflow's client, on its thread, says why
-            return None
+        uri = self.tracking_uri
+        own = uri is not None and uri == default_tracking_uri(self.store)
+        return open_direct(uri, self.pipeline.name, own) if own else None
 
     def _catch_up_tracking(self) -> None:
         """Makes the tracking calls queued for this thread (see InlineCalls)."""

@@ -105,16 +105,18 @@ class SqliteTracker:
         a local path."""
         if not os.path.isfile(path):
             return None
-        db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        db = None
         try:
+            db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
             revision = db.execute("SELECT version_num FROM alembic_version").fetchall()
             found = db.execute(
                 "SELECT experiment_id, artifact_location, lifecycle_stage FROM experiments "
                 "WHERE name = ?",
                 (experiment,),
             ).fetchall()
-        except sqlite3.DatabaseError:
-            db.close()
+        except sqlite3.Error:  # not a database, unreadable, another schema: MLflow's to say
+            if db is not None:
+                db.close()
             return None
         usable = (
             revision == [(SCHEMA_REVISION,)]
@@ -127,9 +129,6 @@ class SqliteTracker:
             return None
         write_ahead(db)
         return cls(db, found[0][0], found[0][1])
-
-    def close(self) -> None:
-        self.db.close()
 
     def start(self, run_id: str, pipeline: str, overrides: list[str], parent_id: str | None):
         """Starts (or, on resume, reopens) the parent run; returns its MLflow id."""

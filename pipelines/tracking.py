@@ -93,17 +93,22 @@ def _on_connect(connection: Any, _record: Any) -> None:
         write_ahead(connection)
 
 
+def open_direct(uri: str, experiment: str, own_database: bool) -> SqliteTracker | None:
+    """raypipe's own database written directly (:mod:`pipelines.mlflow_sqlite`: no MLflow
+    import, under a millisecond a stage), once MLflow has made it and the experiment; else
+    None."""
+    if own_database and uri.startswith("sqlite:///"):
+        return SqliteTracker.open(uri.removeprefix("sqlite:///"), experiment)
+    return None
+
+
 def open_tracker(
     uri: str, experiment: str, artifact_root: str | None, own_database: bool = False
 ) -> Tracker | SqliteTracker:
-    """The tracker of a run logged to ``uri``: raypipe's own database, once MLflow has made it
-    and the experiment, is written directly (:mod:`pipelines.mlflow_sqlite`: no MLflow import,
-    a fraction of a millisecond a stage); anything else through MLflow's client."""
-    if own_database and uri.startswith("sqlite:///"):
-        direct = SqliteTracker.open(uri.removeprefix("sqlite:///"), experiment)
-        if direct is not None:
-            return direct
-    return Tracker(uri, experiment, artifact_root, own_database=own_database)
+    """The tracker of a run logged to ``uri``: :func:`open_direct`'s where it can be, else
+    MLflow's client."""
+    direct = open_direct(uri, experiment, own_database)
+    return direct or Tracker(uri, experiment, artifact_root, own_database=own_database)
 
 
 class TrackingUnavailable(RuntimeError):

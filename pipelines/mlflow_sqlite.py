@@ -3,12 +3,13 @@
 Logging a stage through ``MlflowClient`` is three calls, 44 statements through SQLAlchemy's ORM:
 10-15 ms of the driver's CPU a stage, which the run waits for; and a process that tracks pays
 a second to import MLflow. :class:`SqliteTracker` writes the same rows with ``sqlite3``, one
-transaction a stage (a fraction of a millisecond), and imports nothing of MLflow.
+transaction a stage (under a millisecond, the nested run's file copies included), and imports
+nothing of MLflow.
 
 It writes only where it knows the schema: raypipe's own database (:func:`default_tracking_uri
 <pipelines.tracking.default_tracking_uri>`), made and migrated by MLflow, at the schema
-revision it was written against (:data:`SCHEMA_REVISION`, the head of the MLflow this project
-pins), into an experiment MLflow made whose artifacts live on a local path. Anything else (a
+revision it was written against (:data:`SCHEMA_REVISION`, the head of MLflow 3.17, the newest
+that pyproject allows), into an experiment MLflow made whose artifacts live on a local path. Anything else (a
 database not made yet, another MLflow's schema, a new experiment, artifacts on a server) goes
 through MLflow's client (:class:`pipelines.tracking.Tracker`), as before. The tests log the same
 stages both ways and compare what MLflow's client reads back.

@@ -9,10 +9,10 @@ nothing of MLflow.
 It writes only where it knows the schema: raypipe's own database (:func:`default_tracking_uri
 <pipelines.tracking.default_tracking_uri>`), made and migrated by MLflow, at the schema
 revision it was written against (:data:`SCHEMA_REVISION`, the head of MLflow 3.17, the newest
-that pyproject allows), into an experiment MLflow made whose artifacts live on a local path. Anything else (a
-database not made yet, another MLflow's schema, a new experiment, artifacts on a server) goes
-through MLflow's client (:class:`pipelines.tracking.Tracker`), as before. The tests log the same
-stages both ways and compare what MLflow's client reads back.
+that pyproject allows), into an experiment MLflow made whose artifacts live on a local path.
+Anything else (a database not made yet, another MLflow's schema, a new experiment, artifacts
+on a server) goes through MLflow's client (:class:`pipelines.tracking.Tracker`), as before. The
+tests log the same stages both ways and compare what MLflow's client reads back.
 """
 
 from __future__ import annotations

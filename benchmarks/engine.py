@@ -243,10 +243,15 @@ def _timed_cli(checkout: Path, *command: str) -> tuple[float, float, str]:
     return wall, cpu, out.stdout
 
 
+def _printed_run_id(shown: str) -> str:
+    """The id of the run a `raypipe run` printed as succeeded."""
+    return re.search(r"^run (\S+): succeeded$", shown, re.M).group(1)
+
+
 def _wait_tracked(store: Path, shown: str) -> float:
     """Seconds until the run printed in ``shown`` has its MLflow run (logged in the
     background after a fully cached run)."""
-    run_id = re.search(r"^run (\S+): succeeded$", shown, re.M).group(1)
+    run_id = _printed_run_id(shown)
     t0 = time.perf_counter()
     while not json.loads((store / "runs" / run_id / "run.json").read_text())["mlflow_run_id"]:
         assert time.perf_counter() - t0 < 300, f"run {run_id} never reached MLflow"
@@ -317,7 +322,7 @@ def bench_cli_run(rounds: int, against: str | None) -> dict:
                 path = Path(tmp) / f"{name}.yaml"
                 path.write_text(chain_yaml(3, stores[name], first_value=1000 * r))
                 wall, cpu, shown = _timed_cli(checkout, "run", str(path))
-                run_id = re.search(r"^run (\S+): succeeded$", shown, re.M).group(1)
+                run_id = _printed_run_id(shown)
                 saved = json.loads((stores[name] / "runs" / run_id / "run.json").read_text())
                 if name == "this":  # MLflow has the whole run when the command returns
                     assert saved["mlflow_run_id"] and saved["tracked_later"] is None, shown

@@ -511,11 +511,12 @@ class Runner:
                     "give them in the environment (MLFLOW_TRACKING_USERNAME, ..._PASSWORD)"
                 )
             return
-        from pipelines.tracking import open_tracker
+        from pipelines.tracking import Tracker
 
         try:
+            # _ensure_tracking tried the direct writer already: MLflow's client, unless it made one.
             own = uri == default_tracking_uri(self.store)
-            tracker = direct or open_tracker(
+            tracker = direct or Tracker(
                 uri, self.pipeline.name, _artifact_root(self.store), own_database=own
             )
             self.record.mlflow_run_id = tracker.start(

@@ -42,7 +42,7 @@ def test_report_has_sections_for_the_run_and_marks_cached_stages(ray_local, tmp_
     markup = re.sub(r"<script>.*?</script>", "", text, flags=re.S)
     assert not re.search(r"(src|href)=['\"]https?:", markup), "the report must be self-contained"
     assert "<script src" not in text
-    assert "Plotly.newPlot" in text and "plotly.js v" in text  # drawn offline, script inlined
+    assert "Plotly.newPlot" in text and "plotly.js (basic - minified) v" in text  # inlined
     # The graph: a node per stage (cached ones marked), an edge per need; stages in their
     # dependency order, not the record's (alphabetical) one.
     nodes = re.findall(r"data-stage='(\w+)' data-state='(\w+)' data-cached='(\w+)'", text)

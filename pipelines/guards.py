@@ -114,7 +114,9 @@ def block(text: Any, limit: int = MAX_BLOCK_CHARS) -> str:
     """What may be shown of a multi-line ``text`` (a traceback): secrets redacted, control
     characters but newlines and tabs escaped; when longer than ``limit``, its first quarter
     and its last three quarters (where a traceback says what went wrong) are kept."""
-    text = _CONTROL_BUT_LINES.sub(_escape, _ANSI.sub("", redact(str(text))))
+    text = redact(str(text))
+    if not text.isprintable():  # every character either pattern matches is unprintable
+        text = _CONTROL_BUT_LINES.sub(_escape, _ANSI.sub("", text))
     if len(text) <= limit:
         return text
     head, tail = limit // 4, limit - limit // 4

@@ -16,6 +16,7 @@ import base64
 import functools
 import html
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -315,31 +316,40 @@ def _stage_section(
         parts.append(f"<pre>{_e(st.traceback or st.error)}</pre>")
     path = _local(st.artifact, store)
     if path is not None:
-        dataset = path / "dataset.json"
-        if dataset.is_file():
-            parts.append(_accounting(json.loads(dataset.read_text())))
-        history = path / "history.jsonl"
-        if history.is_file():
-            parts.append(_curves(name, history, figures))
-        parts.append(_images(path))
-        decision = path / "decision.json"
-        if decision.is_file():
-            parts.append(_decision(json.loads(decision.read_text())))
-        best = path / "best_config.json"
-        if best.is_file():
-            parts.append("<h3>Best config</h3>" + _table(_flatten(json.loads(best.read_text()))))
-        compression = path / "compression.json"
-        if compression.is_file():  # model.compress: the original and its compressed copy
-            parts.append(_compression(json.loads(compression.read_text())))
-        samples = path / "samples.txt"
-        if samples.is_file():  # a language model's generated text
-            parts.append(f"<h3>Samples</h3><pre>{_e(samples.read_text()[:20_000])}</pre>")
+        files, images = _artifact_files(path)
+        if "dataset.json" in files:
+            parts.append(_accounting(json.loads((path / "dataset.json").read_text())))
+        if "history.jsonl" in files:
+            parts.append(_curves(name, path / "history.jsonl", figures))
+        parts.append(_images(path, images))
+        if "decision.json" in files:
+            parts.append(_decision(json.loads((path / "decision.json").read_text())))
+        if "best_config.json" in files:
+            best = json.loads((path / "best_config.json").read_text())
+            parts.append("<h3>Best config</h3>" + _table(_flatten(best)))
+        if "compression.json" in files:  # model.compress: the original and its compressed copy
+            parts.append(_compression(json.loads((path / "compression.json").read_text())))
+        if "samples.txt" in files:  # a language model's generated text
+            samples = (path / "samples.txt").read_text()[:20_000]
+            parts.append(f"<h3>Samples</h3><pre>{_e(samples)}</pre>")
     parts.append("</section>")
     return "\n".join(p for p in parts if p)
 
 
 def _local(artifact: str | None, store: Store) -> Path | None:
     return store.local_artifact(artifact) if artifact else None
+
+
+def _artifact_files(root: Path) -> tuple[set[str], list[Path]]:
+    """The names of the files directly in an artifact's folder, and its images (``*.png`` at
+    any depth), sorted: one walk of the folder (symbolic links to folders not followed)."""
+    top: set[str] = set()
+    images: list[Path] = []
+    for folder, _dirs, names in os.walk(root):
+        if folder == str(root):
+            top = {n for n in names if os.path.isfile(os.path.join(folder, n))}
+        images.extend(Path(folder, n) for n in names if n.endswith(".png"))
+    return top, sorted(images)
 
 
 def _accounting(dataset: dict[str, Any]) -> str:
@@ -424,11 +434,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", text)
 
 
-def _images(path: Path) -> str:
-    """The images a stage saved. A series (names that differ only in their numbers, such as
-    per-epoch sample grids) shows its first and last, the rest in a details element."""
+def _images(path: Path, images: list[Path]) -> str:
+    """The images a stage saved (``images``, under ``path``). A series (names that differ only
+    in their numbers, such as per-epoch sample grids) shows its first and last, the rest in a
+    details element."""
     series: dict[str, list[Path]] = {}
-    for image in sorted(path.rglob("*.png")):
+    for image in images:
         rel = image.relative_to(path).as_posix()
         series.setdefault(re.sub(r"\d+", "#", rel), []).append(image)
     if not series:

@@ -420,7 +420,7 @@ class Store:
             found = Path(path).resolve()
         except (OSError, ValueError, RuntimeError):
             return None
-        inside = found.is_relative_to(Path(self.root).resolve() / "artifacts")
+        inside = found.is_relative_to(Path(self.root, "artifacts"))  # the root is resolved
         return found if inside and found.is_dir() else None
 
     def discard(self, component: str, key: str) -> None:

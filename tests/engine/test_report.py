@@ -224,3 +224,15 @@ def test_run_in_a_terminal_shows_a_live_table_of_stages(tmp_path):
     assert re.search(r"stage\s+state\s+elapsed\s+latest", screen)
     assert re.search(r"\ba\s+succeeded\s+[\d.]+s", screen)
     assert re.search(r"broken\s+failed\s+[\d.]+s\s+FAILED: RuntimeError", screen)
+
+
+def test_report_text_escapes_every_unprintable_character_and_keeps_the_rest():
+    """What the report shows of a text (``guards.block``) skips its escaping patterns for text
+    that is all printable: for every code point, the same as the patterns alone give."""
+    from pipelines.guards import _ANSI, _CONTROL_BUT_LINES, _escape, block
+
+    for code in range(0x110000):
+        text = f"a{chr(code)}b"
+        assert block(text) == _CONTROL_BUT_LINES.sub(_escape, _ANSI.sub("", text)), hex(code)
+    assert block("line\n\tnext \x1b[31mred\x1b[0m \u202edone") == "line\n\tnext red \\u202edone"
+    assert block("café 東京 ✓") == "café 東京 ✓"

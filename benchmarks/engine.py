@@ -1,6 +1,6 @@
 """Engine overhead, tracking, CLI-run and cached-rerun figures, as JSON.
 
-    .venv/bin/python benchmarks/engine.py [--only overhead|rerun|tracking|cli] [--stages 20]
+    .venv/bin/python benchmarks/engine.py [--only overhead|rerun|tracking|cli|parts] [--stages 20]
         [--rounds 5] [--untracked | --tracking-wait S] [--against CHECKOUT]
 
 1. overhead: a chain of N trivial stages run by the engine (MLflow tracking and the report on,
@@ -24,11 +24,15 @@
 4. cli: `raypipe run` of a chain of three trivial stages in a fresh process (its own embedded
    Ray), wall and CPU seconds, MLflow holding the whole run when the command returns; with
    ``--against``, another checkout's run of the same in the same rounds, and the ratios.
+5. parts (only when asked for): the chain of 1. as the CLI runs it, with MLflow tracking, the
+   report or the record's saves during the run switched off, each alone and all three, against
+   the plain chain in the same rounds: what each costs, and what the engine costs without them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -151,6 +155,88 @@ def bench_overhead(n: int, rounds: int, untracked: bool = False) -> dict:
         # background logger's), and that over the plain chain.
         "engine_in_mlflow_s": spread(in_mlflow_s),
         "ratio_in_mlflow": spread([m / p for m, p in zip(in_mlflow_s, plain_s, strict=True)]),
+        "goal_ratio_at_most": 1.5,
+    }
+
+
+#: What ``--only parts`` switches off, each alone and all together: MLflow tracking, the
+#: report, and the record's saves while the run goes (its final save stays).
+PARTS = ("tracking", "report", "record")
+
+
+@contextlib.contextmanager
+def _without(parts: tuple[str, ...]):
+    """The engine with ``parts`` (of :data:`PARTS`) switched off in this process, for one run."""
+    saved = engine.default_tracking_uri, engine.Runner._write_report, engine.Runner.save
+    if "tracking" in parts:
+        engine.default_tracking_uri = lambda _store: None  # the only database the chain uses
+    if "report" in parts:
+        engine.Runner._write_report = lambda _self: None
+    if "record" in parts:
+        engine.Runner.save = lambda _self, wait=False: None
+    try:
+        yield
+    finally:
+        engine.default_tracking_uri, engine.Runner._write_report, engine.Runner.save = saved
+
+
+def bench_parts(n: int, rounds: int) -> dict:
+    """The chain of ``n`` stages as the CLI runs it, then with each of :data:`PARTS` off, then
+    with all of them off, against the plain chain, interleaved in rounds (each round's order
+    rotated): what each part costs, and what the engine costs with none of them."""
+    import ray
+
+    variants = {"whole": (), **{f"no_{p}": (p,) for p in PARTS}, "none_of_them": PARTS}
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR")
+    remote_plain = ray.remote(num_cpus=0, max_retries=0)(plain_stage)
+    ray.get(remote_plain.remote(None, tempfile.mkdtemp(), 0))  # warm a worker
+    store = Path(tempfile.mkdtemp()) / "store"
+    seconds: dict[str, list[float]] = {name: [] for name in [*variants, "plain"]}
+    made: dict[str, dict[str, bool]] = {}  # what each variant's last run left: switched off?
+    value = 0
+    for r in range(rounds + 1):  # round 0 warms every side
+        names = list(variants)
+        names = names[r % len(names) :] + names[: r % len(names)]
+        for name in [*names, "plain"]:
+            if name == "plain":
+                with tempfile.TemporaryDirectory() as tmp:
+                    t0 = time.perf_counter()
+                    prev = None
+                    for j in range(n):
+                        prev = ray.get(remote_plain.remote(prev, f"{tmp}/s{j}", j))
+                    seconds["plain"].append(time.perf_counter() - t0)
+                continue
+            value += 1000  # new values: no stage is cached
+            path = store.parent / "chain.yaml"
+            path.write_text(chain_yaml(n, store, first_value=value))
+            pipeline = spec.load(path)
+            with _without(variants[name]):
+                t0 = time.perf_counter()
+                record = engine.Runner(pipeline, printer=lambda _line: None, track_later=True).run()
+                seconds[name].append(time.perf_counter() - t0)
+            assert record.ok and not any(s.cache_hit for s in record.stages.values())
+            saved = store / "runs" / record.run_id / "run.json"  # untimed: MLflow catches up
+            t1 = time.perf_counter()
+            while (final := json.loads(saved.read_text()))["tracked_later"] is not None:
+                assert time.perf_counter() - t1 < 300, f"run {record.run_id} never caught up"
+                time.sleep(0.01)
+            _wait_for_loggers_to_exit()
+            made[name] = {
+                "mlflow_run": final["mlflow_run_id"] is not None,
+                "report": saved.with_name("report.html").is_file(),
+            }
+    ray.shutdown()
+    shutil.rmtree(store.parent, ignore_errors=True)
+    plain = seconds.pop("plain")[1:]
+    return {
+        "stages": n,
+        "rounds": rounds,
+        "plain_ray_tasks_s": spread(plain),
+        "ratio": {
+            name: spread([e / p for e, p in zip(runs[1:], plain, strict=True)])
+            for name, runs in seconds.items()
+        },
+        "made": made,
         "goal_ratio_at_most": 1.5,
     }
 
@@ -346,7 +432,7 @@ def bench_cli_run(rounds: int, against: str | None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["overhead", "rerun", "tracking", "cli"])
+    parser.add_argument("--only", choices=["overhead", "rerun", "tracking", "cli", "parts"])
     parser.add_argument("--stages", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--storage", help="rerun: keep the demo's store here (default: temp)")
@@ -374,6 +460,8 @@ def main() -> None:
         result["tracking"] = bench_tracking(args.stages, args.rounds)
     if args.only in (None, "cli"):
         result["cli_run"] = bench_cli_run(args.rounds, args.against)
+    if args.only == "parts":  # a diagnosis, not a figure of the full run
+        result["parts"] = bench_parts(args.stages, args.rounds)
     print(json.dumps(result, indent=1))
 
 

@@ -40,6 +40,18 @@ def test_the_engine_benchmark_runs_the_chain_through_the_engine_and_as_plain_tas
     assert 0 < overhead["engine_last_stage_done_s"]["median"] <= engine_s
 
 
+def test_the_parts_benchmark_switches_each_part_off_and_only_that_part():
+    parts = results("benchmarks/engine.py", "--only", "parts", "--stages", "2", "--rounds", "1")
+    parts = parts["parts"]
+    assert set(parts["ratio"]) == {"whole", "no_tracking", "no_report", "no_record", "none_of_them"}
+    assert all(ratio["median"] > 0 for ratio in parts["ratio"].values())
+    made = parts["made"]
+    assert made["whole"] == made["no_record"] == {"mlflow_run": True, "report": True}
+    assert made["no_tracking"] == {"mlflow_run": False, "report": True}
+    assert made["no_report"] == {"mlflow_run": True, "report": False}
+    assert made["none_of_them"] == {"mlflow_run": False, "report": False}
+
+
 def test_the_tracking_benchmark_logs_into_both_databases_in_their_own_modes():
     out = results("benchmarks/engine.py", "--only", "tracking", "--stages", "2", "--rounds", "1")
     tracking = out["tracking"]

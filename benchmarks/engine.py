@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # The chain's stages are the tests' engine exercisers (test.sleep), registered by name.
@@ -118,21 +119,12 @@ def bench_overhead(n: int, rounds: int, untracked: bool = False) -> dict:
         assert (store / "runs" / record.run_id / "report.html").is_file()
         engine_s.append(seconds)
         # Untimed: MLflow has the whole run before the next round starts.
-        t1 = time.perf_counter()
-        saved = store / "runs" / record.run_id / "run.json"
-        while (final := json.loads(saved.read_text()))["tracked_later"] is not None:
-            assert time.perf_counter() - t1 < 300, f"run {record.run_id} never caught up"
-            time.sleep(0.01)
+        final = _caught_up(store, record.run_id)
         in_mlflow_s.append(time.perf_counter() - t0)
         assert untracked or final["mlflow_run_id"], final
         assert final["tracking_error"] is None, final["tracking_error"]
         _wait_for_loggers_to_exit()
-        with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.perf_counter()
-            prev = None
-            for j in range(n):
-                prev = ray.get(remote_plain.remote(prev, f"{tmp}/s{j}", j))
-            plain_s.append(time.perf_counter() - t0)
+        plain_s.append(_plain_chain(remote_plain, n))
     ray.shutdown()
     shutil.rmtree(store.parent, ignore_errors=True)
     engine_s, plain_s, last_done_s = engine_s[1:], plain_s[1:], last_done_s[1:]
@@ -199,12 +191,7 @@ def bench_parts(n: int, rounds: int) -> dict:
         names = names[r % len(names) :] + names[: r % len(names)]
         for name in [*names, "plain"]:
             if name == "plain":
-                with tempfile.TemporaryDirectory() as tmp:
-                    t0 = time.perf_counter()
-                    prev = None
-                    for j in range(n):
-                        prev = ray.get(remote_plain.remote(prev, f"{tmp}/s{j}", j))
-                    seconds["plain"].append(time.perf_counter() - t0)
+                seconds["plain"].append(_plain_chain(remote_plain, n))
                 continue
             value += 1000  # new values: no stage is cached
             path = store.parent / "chain.yaml"
@@ -215,15 +202,11 @@ def bench_parts(n: int, rounds: int) -> dict:
                 record = engine.Runner(pipeline, printer=lambda _line: None, track_later=True).run()
                 seconds[name].append(time.perf_counter() - t0)
             assert record.ok and not any(s.cache_hit for s in record.stages.values())
-            saved = store / "runs" / record.run_id / "run.json"  # untimed: MLflow catches up
-            t1 = time.perf_counter()
-            while (final := json.loads(saved.read_text()))["tracked_later"] is not None:
-                assert time.perf_counter() - t1 < 300, f"run {record.run_id} never caught up"
-                time.sleep(0.01)
+            final = _caught_up(store, record.run_id)  # untimed
             _wait_for_loggers_to_exit()
             made[name] = {
                 "mlflow_run": final["mlflow_run_id"] is not None,
-                "report": saved.with_name("report.html").is_file(),
+                "report": (store / "runs" / record.run_id / "report.html").is_file(),
             }
     ray.shutdown()
     shutil.rmtree(store.parent, ignore_errors=True)
@@ -239,6 +222,28 @@ def bench_parts(n: int, rounds: int) -> dict:
         "made": made,
         "goal_ratio_at_most": 1.5,
     }
+
+
+def _plain_chain(remote_plain: Any, n: int) -> float:
+    """Seconds for the chain of ``n`` stages as plain Ray tasks, one after the other."""
+    import ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        prev = None
+        for j in range(n):
+            prev = ray.get(remote_plain.remote(prev, f"{tmp}/s{j}", j))
+        return time.perf_counter() - t0
+
+
+def _caught_up(store: Path, run_id: str) -> dict:
+    """The run's saved record once MLflow has all of it (nothing left to the background)."""
+    saved = store / "runs" / run_id / "run.json"
+    t0 = time.perf_counter()
+    while (final := json.loads(saved.read_text()))["tracked_later"] is not None:
+        assert time.perf_counter() - t0 < 300, f"run {run_id} never caught up"
+        time.sleep(0.01)
+    return final
 
 
 def _wait_for_loggers_to_exit() -> None:

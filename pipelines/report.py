@@ -110,9 +110,8 @@ def _recover_needs(record: RunRecord, store: Store) -> None:
 
 
 def _page(title: str, body: str, figures: dict[str, dict[str, Any]]) -> bytes:
-    """The page, encoded. Plotly's bundle (5 MB, not all ASCII) goes in as the bytes read once
-    per process: copied into the page's text, it made a 10 MB string to encode on every report.
-    """
+    """The page, encoded. Plotly's bundle (1.2 MB, not all ASCII) goes in as the bytes read once
+    per process: copied into the page's text, it would be encoded again on every report."""
     head = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>
 <style>

@@ -315,20 +315,24 @@ def _stage_section(
         parts.append(f"<pre>{_e(st.traceback or st.error)}</pre>")
     path = _local(st.artifact, store)
     if path is not None:
-        files, images = _artifact_files(path)
-        if "dataset.json" in files:
+        names, images = _artifact_files(path)
+
+        def has(file: str) -> bool:  # a file (not a FIFO, not a dangling link): stat only those
+            return file in names and (path / file).is_file()
+
+        if has("dataset.json"):
             parts.append(_accounting(json.loads((path / "dataset.json").read_text())))
-        if "history.jsonl" in files:
+        if has("history.jsonl"):
             parts.append(_curves(name, path / "history.jsonl", figures))
         parts.append(_images(path, images))
-        if "decision.json" in files:
+        if has("decision.json"):
             parts.append(_decision(json.loads((path / "decision.json").read_text())))
-        if "best_config.json" in files:
+        if has("best_config.json"):
             best = json.loads((path / "best_config.json").read_text())
             parts.append("<h3>Best config</h3>" + _table(_flatten(best)))
-        if "compression.json" in files:  # model.compress: the original and its compressed copy
+        if has("compression.json"):  # model.compress: the original and its compressed copy
             parts.append(_compression(json.loads((path / "compression.json").read_text())))
-        if "samples.txt" in files:  # a language model's generated text
+        if has("samples.txt"):  # a language model's generated text
             samples = (path / "samples.txt").read_text()[:20_000]
             parts.append(f"<h3>Samples</h3><pre>{_e(samples)}</pre>")
     parts.append("</section>")
@@ -340,13 +344,14 @@ def _local(artifact: str | None, store: Store) -> Path | None:
 
 
 def _artifact_files(root: Path) -> tuple[set[str], list[Path]]:
-    """The names of the files directly in an artifact's folder, and its images (``*.png`` at
-    any depth), sorted: one walk of the folder (symbolic links to folders not followed)."""
+    """The names directly in an artifact's folder that are not folders (no stat each: a folder
+    of many shards costs one listing), and its images (``*.png`` at any depth), sorted: one
+    walk of the folder (symbolic links to folders not followed)."""
     top: set[str] = set()
     images: list[Path] = []
     for folder, _dirs, names in os.walk(root):
         if folder == str(root):
-            top = {n for n in names if os.path.isfile(os.path.join(folder, n))}
+            top = set(names)
         images.extend(Path(folder, n) for n in names if n.endswith(".png"))
     return top, sorted(images)
 
